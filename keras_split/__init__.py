@@ -1,0 +1,29 @@
+"""keras_split: split learning for TensorFlow/Keras.
+
+Cut an existing Keras model into a client half and a server half, and train it
+across the cut: only cut activations go up and cut gradients come down.
+"""
+
+from keras_split.messages import Activations, Reply
+from keras_split.partition import CutCandidate, CutSpec, cut_candidates
+from keras_split.roles import ClientRole, ClientStep, ServerRole
+from keras_split.split_model import SplitModel, split
+from keras_split.transport import ByteCounter, InProcessTransport, Transport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Activations",
+    "ByteCounter",
+    "ClientRole",
+    "ClientStep",
+    "CutCandidate",
+    "CutSpec",
+    "InProcessTransport",
+    "Reply",
+    "ServerRole",
+    "SplitModel",
+    "Transport",
+    "cut_candidates",
+    "split",
+]

@@ -1,0 +1,49 @@
+"""One step of split learning, written as its protocol.
+
+1. The client runs its half on a batch, under its own gradient tape, and sends
+   the cut tensors (values only) with the labels to the server.
+2. The server runs its half and the loss under its own tape, updates its
+   weights, and replies with the gradient of the loss at the cut.
+3. The client finishes backpropagation from that gradient
+   (`tape.gradient(..., output_gradients=...)`) and updates its weights.
+
+The server never sees raw inputs, the client's weights or its graph; the client
+never sees the server's weights. Only the cut tensors, the labels and the cut
+gradients cross, through the transport, which counts their bytes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from keras_split.messages import Activations, Reply
+from keras_split.roles import ClientRole
+from keras_split.transport import Transport
+
+
+def _values(tensors) -> tuple[np.ndarray, ...]:
+    return tuple(np.asarray(t) for t in tensors)
+
+
+def train_step(client: ClientRole, transport: Transport, step: int, x, y, sample_weight=None,
+               reset_metrics: bool = False) -> Reply:
+    """One training step across the cut; returns the server's reply."""
+    context = client.forward(x)                                        # 1
+    message = Activations(step, "train", _values(context.activations),
+                          labels=y, sample_weight=sample_weight, reset_metrics=reset_metrics)
+    reply = transport.exchange(message)                                # 2
+    client.backward(context, reply.gradients)                          # 3
+    return reply
+
+
+def evaluate_step(client: ClientRole, transport: Transport, step: int, x, y, sample_weight=None,
+                  reset_metrics: bool = False) -> Reply:
+    """Forward only: the server updates its metrics and replies with them."""
+    message = Activations(step, "evaluate", _values(client.infer(x)),
+                          labels=y, sample_weight=sample_weight, reset_metrics=reset_metrics)
+    return transport.exchange(message)
+
+
+def predict_step(client: ClientRole, transport: Transport, step: int, x) -> Reply:
+    """Forward only: the server replies with the model outputs."""
+    return transport.exchange(Activations(step, "predict", _values(client.infer(x))))

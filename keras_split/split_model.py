@@ -1,0 +1,288 @@
+"""`SplitModel`: a model cut in two, trained across the cut like a Keras model."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from keras_split import trainer
+from keras_split.partition import CutSpec, build_halves, io_structure, spec_of
+from keras_split.roles import ClientRole, ServerRole
+from keras_split.transport import InProcessTransport, Transport
+
+
+def split(model: keras.Model, cut) -> SplitModel:
+    """Cut an existing functional or Sequential Keras model in two.
+
+    The client half computes the cut tensors from the model's inputs; the server
+    half computes the model's outputs from the cut tensors. Both halves share the
+    original layer objects, so training either half trains `model` too.
+
+    Args:
+        model: a functional `keras.Model` or a built `keras.Sequential`.
+        cut: a layer name, or a list of layer names whose outputs together form
+            the cut (when a skip connection crosses it, or when the model has
+            several input branches). Use `cut_candidates(model)` to choose.
+
+    Returns:
+        A `SplitModel`.
+
+    Example:
+
+    ```python
+    split = keras_split.split(model, cut="pool1")
+    split.compile(optimizer="adam", loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    split.fit(x_train, y_train, epochs=3, batch_size=64)
+    ```
+    """
+    client, server, specs = build_halves(model, cut)
+    return SplitModel(client=client, server=server, cut_specs=specs, source=model)
+
+
+def _describe(model: keras.Model, inputs: bool) -> str:
+    return "→".join(
+        layer.name
+        for layer in model.layers
+        if inputs or not isinstance(layer, keras.layers.InputLayer)
+    )
+
+
+class SplitModel:
+    """A Keras model cut in two halves, trained with the split-learning protocol.
+
+    Build one with `keras_split.split(model, cut)`, or from two halves you wrote
+    yourself: `SplitModel(client=..., server=...)`, where the client's outputs
+    are the server's inputs.
+
+    Args:
+        client: the `keras.Model` run by the data holder, up to the cut.
+        server: the `keras.Model` run by the server, from the cut to the outputs.
+        cut_specs: the tensors crossing the cut; derived from `client` when omitted.
+        source: the model the halves were cut from, if any (used by `merge`).
+
+    Example:
+
+    ```python
+    client = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Conv2D(8, 3)])
+    server = keras.Sequential([keras.Input((26, 26, 8)), keras.layers.Flatten(),
+                               keras.layers.Dense(10)])
+    split = keras_split.SplitModel(client=client, server=server)
+    ```
+    """
+
+    def __init__(self, client: keras.Model, server: keras.Model, cut_specs=None, source=None):
+        for role, model in (("client", client), ("server", server)):
+            if not isinstance(model, keras.Model):
+                raise TypeError(
+                    f"`{role}` must be a keras.Model, received {type(model).__name__}."
+                )
+            if not model.built or not getattr(model, "outputs", None):
+                raise ValueError(
+                    f"The {role} model '{model.name}' has no known input shape. Build it "
+                    "with keras.Input(...) so the cut can be checked."
+                )
+        self.client = client
+        self.server = server
+        self.cut_specs: tuple[CutSpec, ...] = tuple(cut_specs or self._specs_from_halves())
+        self._source = source
+        self.stop_training = False
+        self.history = None
+        self.train_function = None  # TensorBoard looks for a graph here; there is none.
+        self.client_role: ClientRole | None = None
+        self.server_role: ServerRole | None = None
+        self.transport: Transport | None = None
+        self._step = 0
+
+    def _specs_from_halves(self) -> list[CutSpec]:
+        sent = self.client.outputs
+        expected = self.server.inputs
+        if len(sent) != len(expected):
+            raise ValueError(
+                f"The client sends {len(sent)} tensor(s) but the server takes "
+                f"{len(expected)} input(s) (got {len(sent)} vs. {len(expected)}). The client's "
+                "outputs must be the server's inputs, in order."
+            )
+        specs = []
+        for i, (out, inp) in enumerate(zip(sent, expected, strict=True)):
+            same_dtype = keras.backend.standardize_dtype(out.dtype) == (
+                keras.backend.standardize_dtype(inp.dtype)
+            )
+            if tuple(out.shape[1:]) != tuple(inp.shape[1:]) or not same_dtype:
+                raise ValueError(
+                    f"Cut tensor {i} does not fit: the client sends shape {tuple(out.shape)} "
+                    f"{out.dtype}, the server expects {tuple(inp.shape)} {inp.dtype}. Make the "
+                    "client's outputs match the server's inputs."
+                )
+            specs.append(spec_of(inp.name, out))
+        return specs
+
+    # -- structure -----------------------------------------------------------
+
+    @property
+    def layers(self) -> list:
+        return list(self.client.layers) + list(self.server.layers)
+
+    @property
+    def optimizer(self):
+        """The client's optimizer (the party that runs the training loop)."""
+        return None if self.client_role is None else self.client_role.optimizer
+
+    @property
+    def bytes_per_sample(self) -> int | None:
+        """Cut-activation bytes one sample sends from client to server."""
+        sizes = [s.bytes_per_sample for s in self.cut_specs]
+        return None if None in sizes else sum(sizes)
+
+    def merge(self) -> keras.Model:
+        """One `keras.Model` computing the whole function with the current weights.
+
+        For a split made by `split()`, the layers are the original ones, in the
+        original graph; otherwise the server is applied to the client's outputs.
+        """
+        if self._source is not None:
+            inputs, outputs = io_structure(self._source)
+            return keras.Model(inputs, outputs, name=self._source.name)
+        inputs, _ = io_structure(self.client)
+        return keras.Model(inputs, self.server(self.client(inputs)), name="merged")
+
+    def __repr__(self) -> str:
+        cut = ", ".join(f"{s.name!r} {s.shape}" for s in self.cut_specs)
+        return (
+            f"SplitModel(client=[{_describe(self.client, True)}], "
+            f"server=[{_describe(self.server, False)}], "
+            f"cut={cut})"
+        )
+
+    def summary(self, print_fn=None) -> None:
+        """Print both halves and the tensors crossing the cut."""
+        print_fn = print_fn or print
+        print_fn("Client half:")
+        self.client.summary(print_fn=print_fn)
+        print_fn("Cut (sent from client to server, per sample):")
+        for s in self.cut_specs:
+            size = "unknown" if s.bytes_per_sample is None else f"{s.bytes_per_sample:,} bytes"
+            print_fn(f"  {s.name}: shape {s.shape}, {s.dtype}, {size}")
+        print_fn("Server half:")
+        self.server.summary(print_fn=print_fn)
+
+    # -- training ------------------------------------------------------------
+
+    def compile(self, optimizer="rmsprop", loss=None, metrics=None, loss_weights=None,
+                client_optimizer=None, server_optimizer=None, transport=None):
+        """Configure both parties for training.
+
+        Args:
+            optimizer: the optimizer of both sides unless overridden; each side
+                gets its own copy (its own state).
+            loss, metrics, loss_weights: as in `keras.Model.compile`; the server
+                computes them.
+            client_optimizer, server_optimizer: per-side optimizers.
+            transport: a `Transport` to the server; by default an in-process one.
+        """
+        if loss is None:
+            raise ValueError(
+                "`compile` needs a `loss`: the server computes it on its half's outputs, "
+                "e.g. loss='sparse_categorical_crossentropy'."
+            )
+        if client_optimizer is not None and client_optimizer is server_optimizer:
+            raise ValueError(
+                "`client_optimizer` and `server_optimizer` are the same object; each side "
+                "needs its own optimizer state. Pass two instances, or one `optimizer`."
+            )
+        self.client_role = ClientRole(self.client, client_optimizer or optimizer)
+        self.client_role.build()
+        if transport is None:
+            self.server_role = ServerRole(
+                self.server, server_optimizer or optimizer, loss, metrics, loss_weights
+            )
+            transport = InProcessTransport(self.server_role)
+        elif not isinstance(transport, Transport):
+            raise TypeError(
+                f"`transport` must be a keras_split.Transport, received {type(transport).__name__}."
+            )
+        self.transport = transport
+
+    def require_compiled(self, caller: str) -> None:
+        if self.client_role is None:
+            raise RuntimeError(
+                f"You must call `compile()` before `{caller}()` on this SplitModel."
+            )
+
+    def next_step(self) -> int:
+        self._step += 1
+        return self._step
+
+    def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None,
+            validation_data=None, shuffle=True, initial_epoch=0, sample_weight=None,
+            validation_freq=1, seed=None):
+        """Train across the cut; same arguments and return value as `keras.Model.fit`.
+
+        `History.history` also has `bytes_up` and `bytes_down`: the payload bytes
+        that crossed the cut in each epoch's training steps (and `val_bytes_*`).
+        """
+        return trainer.fit(self, x, y, batch_size, epochs, verbose, callbacks, validation_data,
+                           shuffle, initial_epoch, sample_weight, validation_freq, seed)
+
+    def evaluate(self, x=None, y=None, batch_size=None, verbose="auto", sample_weight=None,
+                 callbacks=None, return_dict=False):
+        """Evaluate across the cut; as `keras.Model.evaluate`."""
+        return trainer.evaluate(self, x, y, batch_size, verbose, sample_weight, callbacks,
+                                return_dict)
+
+    def predict(self, x, batch_size=None, verbose="auto", callbacks=None):
+        """Predict across the cut; as `keras.Model.predict`."""
+        return trainer.predict(self, x, batch_size, verbose, callbacks)
+
+    # -- weights and saving --------------------------------------------------
+
+    def get_weights(self) -> list[np.ndarray]:
+        return self.client.get_weights() + self.server.get_weights()
+
+    def set_weights(self, weights) -> None:
+        n = len(self.client.weights)
+        expected = n + len(self.server.weights)
+        if len(weights) != expected:
+            raise ValueError(
+                f"Expected {expected} arrays ({n} client + {expected - n} server), received "
+                f"{len(weights)}."
+            )
+        self.client.set_weights(weights[:n])
+        self.server.set_weights(weights[n:])
+
+    @staticmethod
+    def _paths(filepath: str, suffix: str) -> tuple[str, str]:
+        filepath = str(filepath)
+        if not filepath.endswith(suffix):
+            raise ValueError(
+                f"The filepath must end in '{suffix}', received {filepath!r}. Both halves are "
+                f"written beside it as '<name>_client{suffix}' and '<name>_server{suffix}'."
+            )
+        stem = filepath[: -len(suffix)]
+        return f"{stem}_client{suffix}", f"{stem}_server{suffix}"
+
+    def save(self, filepath, overwrite=True) -> None:
+        """Save both halves: `x.keras` writes `x_client.keras` and `x_server.keras`."""
+        client_path, server_path = self._paths(filepath, ".keras")
+        self.client.save(client_path, overwrite=overwrite)
+        self.server.save(server_path, overwrite=overwrite)
+
+    def save_weights(self, filepath, overwrite=True) -> None:
+        """Save both halves' weights: `x.weights.h5` writes `x_client.weights.h5` and
+        `x_server.weights.h5`."""
+        client_path, server_path = self._paths(filepath, ".weights.h5")
+        self.client.save_weights(client_path, overwrite=overwrite)
+        self.server.save_weights(server_path, overwrite=overwrite)
+
+    def load_weights(self, filepath) -> None:
+        """Load weights written by `save_weights(filepath)`."""
+        client_path, server_path = self._paths(filepath, ".weights.h5")
+        self.client.load_weights(client_path)
+        self.server.load_weights(server_path)
+
+    @classmethod
+    def load(cls, filepath) -> SplitModel:
+        """Load a SplitModel written by `save(filepath)` (your own files only)."""
+        client_path, server_path = cls._paths(filepath, ".keras")
+        return cls(client=keras.models.load_model(client_path),
+                   server=keras.models.load_model(server_path))

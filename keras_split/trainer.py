@@ -1,0 +1,140 @@
+"""fit / evaluate / predict loops around the split step, with Keras callbacks.
+
+The loops run on the party that holds the data (the client). They use Keras's
+own `CallbackList`, `History` and progress bar, so callbacks behave as they do
+with `keras.Model.fit`. The object given to callbacks as their `model` is the
+`SplitModel` (or network client): it offers `stop_training`, `save`,
+`save_weights`, `get_weights`/`set_weights`, `layers` and `optimizer` (the
+client's), which is what the stock callbacks touch.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from keras_split import protocol
+from keras_split.batching import make_batches
+
+
+def _callbacks(owner, callbacks, verbose, epochs, steps):
+    return keras.callbacks.CallbackList(
+        callbacks,
+        add_history=True,
+        add_progbar=verbose != 0,
+        verbose=verbose,
+        epochs=epochs,
+        steps=steps,
+        model=owner,
+    )
+
+
+def _validation_batches(validation_data, batch_size):
+    if validation_data is None:
+        return None
+    if isinstance(validation_data, tuple):
+        if len(validation_data) not in (2, 3):
+            raise ValueError(
+                "`validation_data` must be (x_val, y_val), (x_val, y_val, sample_weight) or a "
+                f"tf.data.Dataset; received a tuple of {len(validation_data)} items."
+            )
+        return make_batches(*validation_data, batch_size=batch_size, caller="fit")
+    return make_batches(validation_data, batch_size=batch_size, caller="fit")
+
+
+def fit(owner, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None,
+        validation_data=None, shuffle=True, initial_epoch=0, sample_weight=None,
+        validation_freq=1, seed=None):
+    owner.require_compiled("fit")
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"`epochs` must be a positive integer, received {epochs!r}.")
+    verbose = 1 if verbose == "auto" else verbose
+    batches = make_batches(x, y, sample_weight, batch_size, shuffle=shuffle, seed=seed)
+    validation = _validation_batches(validation_data, batch_size)
+    callback_list = _callbacks(owner, callbacks, verbose, epochs, batches.steps)
+    owner.stop_training = False
+    transport = owner.transport
+    callback_list.on_train_begin()
+    logs = {}
+    for epoch in range(initial_epoch, epochs):
+        callback_list.on_epoch_begin(epoch)
+        up0, down0 = transport.bytes.snapshot()
+        logs = {}
+        for index, (bx, by, bw) in enumerate(batches):
+            if by is None:
+                raise ValueError(
+                    "`fit` needs labels: pass `y`, or a dataset that yields (x, y)."
+                )
+            callback_list.on_train_batch_begin(index)
+            reply = protocol.train_step(
+                owner.client_role, transport, owner.next_step(), bx, by, bw,
+                reset_metrics=index == 0,
+            )
+            logs = dict(reply.logs)
+            callback_list.on_train_batch_end(index, logs)
+            if owner.stop_training:
+                break
+        up1, down1 = transport.bytes.snapshot()
+        logs = {**logs, "bytes_up": up1 - up0, "bytes_down": down1 - down0}
+        if validation is not None and (epoch + 1) % validation_freq == 0:
+            val_logs = _evaluate_batches(owner, validation, callback_list=None)
+            logs.update({f"val_{k}": v for k, v in val_logs.items()})
+        callback_list.on_epoch_end(epoch, logs)
+        if owner.stop_training:
+            break
+    callback_list.on_train_end(logs)
+    return owner.history
+
+
+def _evaluate_batches(owner, batches, callback_list):
+    transport = owner.transport
+    up0, down0 = transport.bytes.snapshot()
+    logs = {}
+    for index, (bx, by, bw) in enumerate(batches):
+        if by is None:
+            raise ValueError("`evaluate` needs labels: pass `y`, or a dataset of (x, y).")
+        if callback_list is not None:
+            callback_list.on_test_batch_begin(index)
+        reply = protocol.evaluate_step(
+            owner.client_role, transport, owner.next_step(), bx, by, bw, reset_metrics=index == 0
+        )
+        logs = dict(reply.logs)
+        if callback_list is not None:
+            callback_list.on_test_batch_end(index, logs)
+    if not logs:
+        raise ValueError("`evaluate` received no data: the input has zero samples.")
+    up1, down1 = transport.bytes.snapshot()
+    return {**logs, "bytes_up": up1 - up0, "bytes_down": down1 - down0}
+
+
+def evaluate(owner, x=None, y=None, batch_size=None, verbose="auto", sample_weight=None,
+             callbacks=None, return_dict=False):
+    owner.require_compiled("evaluate")
+    verbose = 1 if verbose == "auto" else verbose
+    batches = make_batches(x, y, sample_weight, batch_size, caller="evaluate")
+    callback_list = _callbacks(owner, callbacks, verbose, 1, batches.steps)
+    callback_list.on_test_begin()
+    logs = _evaluate_batches(owner, batches, callback_list)
+    callback_list.on_test_end(logs)
+    if return_dict:
+        return logs
+    values = [v for k, v in logs.items() if not k.startswith("bytes_")]
+    return values[0] if len(values) == 1 else values
+
+
+def predict(owner, x, batch_size=None, verbose="auto", callbacks=None):
+    owner.require_compiled("predict")
+    verbose = 1 if verbose == "auto" else verbose
+    batches = make_batches(x, batch_size=batch_size, caller="predict")
+    callback_list = _callbacks(owner, callbacks, verbose, 1, batches.steps)
+    callback_list.on_predict_begin()
+    outputs = []
+    for index, (bx, _, _) in enumerate(batches):
+        callback_list.on_predict_batch_begin(index)
+        reply = protocol.predict_step(owner.client_role, owner.transport, owner.next_step(), bx)
+        outputs.append(reply.outputs)
+        callback_list.on_predict_batch_end(index, {"outputs": reply.outputs})
+    callback_list.on_predict_end()
+    if not outputs:
+        raise ValueError("`predict` received no data: the input has zero samples.")
+    return keras.tree.map_structure(lambda *parts: np.concatenate(parts), *outputs)

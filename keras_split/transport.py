@@ -1,0 +1,66 @@
+"""How messages travel between client and server.
+
+A transport carries one `Activations` message to the server and brings its
+`Reply` back. `InProcessTransport` hands the message to a `ServerRole` in the
+same process; a network transport implements the same interface. Every
+transport counts the payload bytes it carries in each direction.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+from keras_split.messages import Activations, Reply
+
+
+@dataclass
+class ByteCounter:
+    """Payload bytes carried so far, client to server (`up`) and back (`down`)."""
+
+    up: int = 0
+    down: int = 0
+
+    def snapshot(self) -> tuple[int, int]:
+        return self.up, self.down
+
+
+class Transport(abc.ABC):
+    """One client's link to the server."""
+
+    def __init__(self):
+        self.bytes = ByteCounter()
+
+    def exchange(self, message: Activations) -> Reply:
+        """Send `message` and return the server's reply, counting both."""
+        self.bytes.up += message.nbytes
+        reply = self._exchange(message)
+        if reply.step != message.step:
+            raise RuntimeError(
+                f"The server answered step {reply.step} to step {message.step}; the "
+                "transport lost track of the conversation."
+            )
+        self.bytes.down += reply.nbytes
+        return reply
+
+    @abc.abstractmethod
+    def _exchange(self, message: Activations) -> Reply:
+        """Deliver one message and return the reply (no accounting)."""
+
+    def close(self) -> None:
+        """Release the link. The in-process transport holds nothing."""
+
+
+class InProcessTransport(Transport):
+    """Delivers messages to a `ServerRole` living in this process.
+
+    The server receives the arrays of the message only: never the client's
+    model, graph or inputs.
+    """
+
+    def __init__(self, server):
+        super().__init__()
+        self.server = server
+
+    def _exchange(self, message: Activations) -> Reply:
+        return self.server.handle(message)

@@ -1,0 +1,234 @@
+"""split(): the halves compute the original function, share its weights, and
+bad cuts are refused with messages that say how to fix them."""
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+import keras_split
+from tests import models
+
+
+@pytest.mark.parametrize("name", list(models.ALL) + ["multi_output", "nested"])
+def test_halves_compose_to_the_original(name, rng):
+    build = getattr(models, name)
+    model, cut = build()
+    split = keras_split.split(model, cut)
+    x = models.inputs_for(model, 4, rng)
+    expected = model(x, training=False)
+    got = split.server(split.client(x, training=False), training=False)
+    for e, g in zip(keras.tree.flatten(expected), keras.tree.flatten(got), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=1e-6)
+    merged = split.merge()
+    for e, g in zip(keras.tree.flatten(expected), keras.tree.flatten(merged(x)), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=1e-6)
+
+
+def test_halves_share_the_original_weights(rng):
+    model, cut = models.small_cnn()
+    split = keras_split.split(model, cut)
+    conv = model.get_layer("conv1")
+    assert split.client.get_layer("conv1") is conv
+    assert split.server.get_layer("dense") is model.get_layer("dense")
+    conv.kernel.assign(np.zeros(conv.kernel.shape, "float32"))
+    assert not np.any(split.client.get_layer("conv1").get_weights()[0])
+
+
+def test_cut_specs_hand_derived():
+    model, _ = models.small_cnn()
+    split = keras_split.split(model, "pool1")
+    # Conv 3x3 valid on 8x8 -> 6x6x4, pooled 2x2 -> 3x3x4 = 36 floats = 144 bytes.
+    (spec,) = split.cut_specs
+    assert spec == keras_split.CutSpec("pool1", (None, 3, 3, 4), "float32", 144)
+    assert split.bytes_per_sample == 144
+    assert repr(split) == (
+        "SplitModel(client=[image→conv1→pool1], server=[flatten→dense→logits], "
+        "cut='pool1' (None, 3, 3, 4))"
+    )
+
+
+def test_multi_tensor_cut_specs_and_server_input_names():
+    model, cut = models.resnet_block()
+    split = keras_split.split(model, cut)
+    assert [s.name for s in split.cut_specs] == ["conv2", "conv1"]
+    assert [t.shape for t in split.server.inputs] == [(None, 8, 8, 4)] * 2
+    inputs = {lay.name for lay in split.server.layers if isinstance(lay, layers.InputLayer)}
+    assert inputs == {"conv1", "conv2"}
+
+
+def test_nested_model_stays_whole():
+    model, _ = models.nested()
+    split = keras_split.split(model, "encoder")
+    assert split.client.get_layer("encoder") is model.get_layer("encoder")
+    assert not any(isinstance(lay, keras.Model) for lay in split.server.layers)
+
+
+def test_summary_shows_both_halves_and_the_cut():
+    model, cut = models.small_cnn()
+    lines = []
+    keras_split.split(model, cut).summary(print_fn=lambda line, **_: lines.append(line))
+    text = "\n".join(lines)
+    assert "Client half:" in text and "Server half:" in text
+    assert "pool1: shape (None, 3, 3, 4), float32, 144 bytes" in text
+
+
+# -- cut_candidates ------------------------------------------------------------
+
+
+def _chain():
+    inp = keras.Input((3,), name="x")
+    h = layers.Dense(4, name="d1")(inp)
+    h = layers.Dense(2, name="d2")(h)
+    out = layers.Dense(1, name="d3")(h)
+    return keras.Model(inp, out)
+
+
+def test_cut_candidates_hand_derived():
+    # FLOPs per sample: d1 = 2*3*4 + 4 = 28, d2 = 2*4*2 + 2 = 18, d3 = 2*2*1 + 1 = 5.
+    candidates = keras_split.cut_candidates(_chain())
+    assert [c.layer for c in candidates] == ["d1", "d2"]
+    d1, d2 = candidates
+    assert (d1.bytes_per_sample, d1.client_params) == (16, 16)
+    assert (d2.bytes_per_sample, d2.client_params) == (8, 26)
+    assert d1.client_flops_fraction == pytest.approx(28 / 51)
+    assert d2.client_flops_fraction == pytest.approx(46 / 51)
+
+
+def test_cut_candidates_skip_cuts_bypassed_by_a_skip_connection():
+    model, _ = models.resnet_block()
+    names = [c.layer for c in keras_split.cut_candidates(model)]
+    assert "conv2" not in names  # conv1 -> add bypasses it
+    assert names == ["conv1", "add", "gap"]
+
+
+# -- errors ----------------------------------------------------------------------
+
+
+def test_subclassed_model_is_refused():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.d = layers.Dense(2)
+
+        def call(self, x):
+            return self.d(x)
+
+    net = Net()
+    net(np.zeros((1, 3), "float32"))
+    with pytest.raises(TypeError, match=r"subclassed model of type Net.*SplitModel\(client="):
+        keras_split.split(net, "d")
+
+
+def test_unbuilt_sequential_is_refused():
+    model = keras.Sequential([layers.Dense(2, name="a"), layers.Dense(1, name="b")])
+    with pytest.raises(ValueError, match=r"no input shape yet.*keras.Input"):
+        keras_split.split(model, "a")
+
+
+def test_unknown_layer_lists_existing_ones():
+    model, _ = models.small_cnn()
+    with pytest.raises(
+        ValueError,
+        match=r"No such layer: 'pool9'. Existing layers are: \['image', 'conv1', 'pool1', "
+        r"'flatten', 'dense', 'logits'\]",
+    ):
+        keras_split.split(model, "pool9")
+
+
+def test_skip_connection_names_the_bypass_and_suggests_fixes():
+    model, _ = models.resnet_block()
+    with pytest.raises(ValueError) as info:
+        keras_split.split(model, "conv2")
+    assert str(info.value) == (
+        "Cut at 'conv2' does not separate the graph: layer 'add' (after the cut) also reads "
+        "'conv1' (before the cut) through a skip connection. Cut after 'add' instead, or pass "
+        "cut=['conv2', 'conv1'] to send all of these tensors."
+    )
+    # Both suggestions are valid cuts.
+    keras_split.split(model, "add")
+    keras_split.split(model, ["conv2", "conv1"])
+
+
+def test_cut_at_input_layer():
+    model, _ = models.small_cnn()
+    with pytest.raises(ValueError, match=r"'image': it is an input layer.*e.g. cut='conv1'"):
+        keras_split.split(model, "image")
+
+
+def test_cut_at_output_layer():
+    model, _ = models.small_cnn()
+    with pytest.raises(ValueError, match=r"'logits': it is an output layer, and every model output"):
+        keras_split.split(model, "logits")
+
+
+def test_incomplete_multi_branch_cut_names_the_missing_input():
+    model, _ = models.multi_input()
+    with pytest.raises(ValueError) as info:
+        keras_split.split(model, ["img_flat"])
+    assert "model input 'tabular' does not reach the cut" in str(info.value)
+    assert "cut=['img_flat', 'tab_dense']" in str(info.value)
+
+
+def test_cut_list_with_redundant_layer():
+    model, _ = models.small_cnn()
+    with pytest.raises(ValueError, match=r"not minimal.*Remove 'conv1' from the cut"):
+        keras_split.split(model, ["conv1", "pool1"])
+
+
+def test_bad_cut_type():
+    model, _ = models.small_cnn()
+    with pytest.raises(TypeError, match=r"`cut` must be a layer name or a non-empty list"):
+        keras_split.split(model, 3)
+    with pytest.raises(TypeError, match=r"non-empty list"):
+        keras_split.split(model, [])
+
+
+def test_output_left_on_client_side():
+    inp = keras.Input((4,), name="x")
+    early = layers.Dense(2, name="early_out")(inp)
+    h = layers.Dense(3, name="h")(inp)
+    late = layers.Dense(1, name="late_out")(layers.Dense(3, name="h2")(h))
+    model = keras.Model(inp, [early, late])
+    with pytest.raises(ValueError, match=r"'early_out' \(after the cut\) reads the model input "
+                                         r"'x' directly, so the server would receive raw"):
+        keras_split.split(model, ["h"])
+
+    # An output that feeds the cut itself ends up on the client side.
+    inp = keras.Input((4,), name="x")
+    early = layers.Dense(2, name="early_out")(inp)
+    h = layers.Dense(3, name="h")(early)
+    model = keras.Model(inp, [early, layers.Dense(1, name="late_out")(h)])
+    with pytest.raises(ValueError, match=r"output of layer 'early_out' on the client side"):
+        keras_split.split(model, "h")
+
+
+def test_shared_layer_across_the_cut():
+    inp = keras.Input((4,), name="x")
+    shared = layers.Dense(4, name="shared")
+    h = layers.Dense(4, name="first")(shared(inp))
+    out = layers.Dense(1, name="out")(shared(h))
+    model = keras.Model(inp, out)
+    with pytest.raises(ValueError, match=r"'shared' is called on both sides of the cut"):
+        keras_split.split(model, "first")
+    with pytest.raises(ValueError, match=r"'shared': the layer is called 2 times"):
+        keras_split.split(model, "shared")
+
+
+def test_hand_written_halves_must_fit():
+    client = keras.Sequential([keras.Input((4,)), layers.Dense(3)])
+    server = keras.Sequential([keras.Input((5,)), layers.Dense(1)])
+    with pytest.raises(ValueError, match=r"client sends shape \(None, 3\) float32, the server "
+                                         r"expects \(None, 5\) float32"):
+        keras_split.SplitModel(client=client, server=server)
+    with pytest.raises(TypeError, match=r"`server` must be a keras.Model, received str"):
+        keras_split.SplitModel(client=client, server="server.keras")
+
+
+def test_hand_written_halves():
+    client = keras.Sequential([keras.Input((4,)), layers.Dense(3, name="enc")])
+    server = keras.Sequential([keras.Input((3,)), layers.Dense(1, name="head")])
+    split = keras_split.SplitModel(client=client, server=server)
+    assert split.bytes_per_sample == 12
+    x = np.ones((2, 4), "float32")
+    np.testing.assert_allclose(split.merge()(x), server(client(x)), atol=1e-6)
