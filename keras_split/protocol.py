@@ -10,6 +10,10 @@
 The server never sees raw inputs, the client's weights or its graph; the client
 never sees the server's weights. Only the cut tensors, the labels and the cut
 gradients cross, through the transport, which counts their bytes.
+
+Each function returns the server's reply and the client's own regularization
+loss: the loss Keras reports includes every layer's regularization, and only
+the client can compute its share.
 """
 
 from __future__ import annotations
@@ -26,24 +30,26 @@ def _values(tensors) -> tuple[np.ndarray, ...]:
 
 
 def train_step(client: ClientRole, transport: Transport, step: int, x, y, sample_weight=None,
-               reset_metrics: bool = False) -> Reply:
+               reset_metrics: bool = False) -> tuple[Reply, float]:
     """One training step across the cut; returns the server's reply."""
     context = client.forward(x)                                        # 1
     message = Activations(step, "train", _values(context.activations),
                           labels=y, sample_weight=sample_weight, reset_metrics=reset_metrics)
     reply = transport.exchange(message)                                # 2
     client.backward(context, reply.gradients)                          # 3
-    return reply
+    return reply, float(context.regularization)
 
 
 def evaluate_step(client: ClientRole, transport: Transport, step: int, x, y, sample_weight=None,
-                  reset_metrics: bool = False) -> Reply:
+                  reset_metrics: bool = False) -> tuple[Reply, float]:
     """Forward only: the server updates its metrics and replies with them."""
-    message = Activations(step, "evaluate", _values(client.infer(x)),
+    activations, regularization = client.infer(x)
+    message = Activations(step, "evaluate", _values(activations),
                           labels=y, sample_weight=sample_weight, reset_metrics=reset_metrics)
-    return transport.exchange(message)
+    return transport.exchange(message), float(regularization)
 
 
 def predict_step(client: ClientRole, transport: Transport, step: int, x) -> Reply:
     """Forward only: the server replies with the model outputs."""
-    return transport.exchange(Activations(step, "predict", _values(client.infer(x))))
+    activations, _ = client.infer(x)
+    return transport.exchange(Activations(step, "predict", _values(activations)))

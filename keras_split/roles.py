@@ -50,12 +50,12 @@ class ClientRole:
         self.optimizer = copy_optimizer(optimizer) if optimizer is not None else None
         self._forward_train = tf.function(self._forward_fn, reduce_retracing=True)
         self._forward_infer = tf.function(
-            lambda x: as_tuple(model(x, training=False)), reduce_retracing=True
+            lambda x: self._forward_fn(x, training=False), reduce_retracing=True
         )
         self._apply = tf.function(self._apply_fn, reduce_retracing=True)
 
-    def _forward_fn(self, x):
-        activations = as_tuple(self.model(x, training=True))
+    def _forward_fn(self, x, training=True):
+        activations = as_tuple(self.model(x, training=training))
         # Each party adds its own layers' regularization losses: the client's
         # are a term of the loss whose gradient only the client can compute.
         losses = self.model.losses
@@ -78,8 +78,11 @@ class ClientRole:
             activations, regularization = self._forward_train(x)
         return ClientStep(tape=tape, activations=activations, regularization=regularization)
 
-    def infer(self, x) -> tuple:
-        """Inference forward pass (no tape, `training=False`)."""
+    def infer(self, x) -> tuple[tuple, tf.Tensor]:
+        """Inference forward pass (no tape, `training=False`).
+
+        Returns the cut activations and the client's regularization loss.
+        """
         return self._forward_infer(x)
 
     def backward(self, step: ClientStep, gradients) -> None:

@@ -17,6 +17,29 @@ from keras_split import protocol
 from keras_split.batching import make_batches
 
 
+class ClientLoss:
+    """Running mean of the client's regularization loss, weighted by batch size.
+
+    The server's running loss covers the data loss and its own layers'
+    regularization; adding this mean gives the loss `keras.Model.fit` reports
+    (a mean of sums equals the sum of the means under the same weights).
+    """
+
+    def __init__(self):
+        self.total = 0.0
+        self.count = 0
+
+    def add(self, value: float, x) -> None:
+        n = int(np.shape(keras.tree.flatten(x)[0])[0])
+        self.total += value * n
+        self.count += n
+
+    def into(self, logs: dict) -> dict:
+        if self.count and "loss" in logs:
+            logs["loss"] = logs["loss"] + self.total / self.count
+        return logs
+
+
 def _callbacks(owner, callbacks, verbose, epochs, steps):
     return keras.callbacks.CallbackList(
         callbacks,
@@ -60,17 +83,19 @@ def fit(owner, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callba
         callback_list.on_epoch_begin(epoch)
         up0, down0 = transport.bytes.snapshot()
         logs = {}
+        client_loss = ClientLoss()
         for index, (bx, by, bw) in enumerate(batches):
             if by is None:
                 raise ValueError(
                     "`fit` needs labels: pass `y`, or a dataset that yields (x, y)."
                 )
             callback_list.on_train_batch_begin(index)
-            reply = protocol.train_step(
+            reply, regularization = protocol.train_step(
                 owner.client_role, transport, owner.next_step(), bx, by, bw,
                 reset_metrics=index == 0,
             )
-            logs = dict(reply.logs)
+            client_loss.add(regularization, bx)
+            logs = client_loss.into(dict(reply.logs))
             callback_list.on_train_batch_end(index, logs)
             if owner.stop_training:
                 break
@@ -90,15 +115,17 @@ def _evaluate_batches(owner, batches, callback_list):
     transport = owner.transport
     up0, down0 = transport.bytes.snapshot()
     logs = {}
+    client_loss = ClientLoss()
     for index, (bx, by, bw) in enumerate(batches):
         if by is None:
             raise ValueError("`evaluate` needs labels: pass `y`, or a dataset of (x, y).")
         if callback_list is not None:
             callback_list.on_test_batch_begin(index)
-        reply = protocol.evaluate_step(
+        reply, regularization = protocol.evaluate_step(
             owner.client_role, transport, owner.next_step(), bx, by, bw, reset_metrics=index == 0
         )
-        logs = dict(reply.logs)
+        client_loss.add(regularization, bx)
+        logs = client_loss.into(dict(reply.logs))
         if callback_list is not None:
             callback_list.on_test_batch_end(index, logs)
     if not logs:
