@@ -4,6 +4,15 @@ Cut an existing Keras model into a client half and a server half, and train it
 across the cut: only cut activations go up and cut gradients come down.
 """
 
+import os
+
+# TensorFlow's C++ INFO lines (oneDNN, CUDA probing) drown the progress bar;
+# warnings and errors still show. A user's own setting wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+# ruff: noqa: E402
+
+from keras_split import datasets
 from keras_split.messages import Activations, Reply
 from keras_split.partition import CutCandidate, CutSpec, cut_candidates
 from keras_split.roles import ClientRole, ClientStep, ServerRole
@@ -25,5 +34,6 @@ __all__ = [
     "SplitModel",
     "Transport",
     "cut_candidates",
+    "datasets",
     "split",
 ]

@@ -32,9 +32,23 @@ def _values(tensors) -> tuple[np.ndarray, ...]:
 def train_step(client: ClientRole, transport: Transport, step: int, x, y, sample_weight=None,
                reset_metrics: bool = False) -> tuple[Reply, float]:
     """One training step across the cut; returns the server's reply."""
+
+    def send(activations):                                             # 2 (at the cut)
+        return transport.exchange(Activations(step, "train", activations, labels=y,
+                                              sample_weight=sample_weight,
+                                              reset_metrics=reset_metrics))
+
+    # 1 and 3: the client's forward and backward, compiled as one call that
+    # runs `send` when the forward pass reaches the cut.
+    return client.step(x, send)
+
+
+def separate_train_step(client: ClientRole, transport: Transport, step: int, x, y,
+                        sample_weight=None, reset_metrics: bool = False) -> tuple[Reply, float]:
+    """The same step with the client's halves as two calls (see `ClientRole`)."""
     context = client.forward(x)                                        # 1
-    message = Activations(step, "train", _values(context.activations),
-                          labels=y, sample_weight=sample_weight, reset_metrics=reset_metrics)
+    message = Activations(step, "train", _values(context.activations), labels=y,
+                          sample_weight=sample_weight, reset_metrics=reset_metrics)
     reply = transport.exchange(message)                                # 2
     client.backward(context, reply.gradients)                          # 3
     return reply, float(context.regularization)

@@ -10,6 +10,8 @@ be in flight at once (many clients, pipelining).
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import keras
@@ -43,7 +45,20 @@ class ClientStep:
 
 
 class ClientRole:
-    """Runs the client half: forward to the cut, then backward from the cut."""
+    """Runs the client half: forward to the cut, then backward from the cut.
+
+    Two ways to run a training step, with the same arithmetic:
+
+    - `step(x, send)`: the whole client step compiled as one `tf.function`;
+      at the cut it calls `send(activations)` (through `tf.py_function`),
+      which delivers the values to the server and returns its `Reply`. This is
+      what `fit` uses: one compiled call per step.
+    - `forward(x)` then `backward(context, gradients)`: the two halves as
+      separate calls, for setups that must do other work between them (several
+      clients feeding one server, pipelining). Keeping a tape across two
+      compiled calls costs more per step (TensorFlow runs the recorded
+      function's backward eagerly).
+    """
 
     def __init__(self, model: keras.Model, optimizer=None):
         self.model = model
@@ -53,6 +68,11 @@ class ClientRole:
             lambda x: self._forward_fn(x, training=False), reduce_retracing=True
         )
         self._apply = tf.function(self._apply_fn, reduce_retracing=True)
+        self._step = tf.function(self._step_fn, reduce_retracing=True)
+        # Sends waiting for their compiled step to reach the cut, by step key.
+        # Each entry lives for one call of step(); nothing carries over.
+        self._sends: dict[int, Callable] = {}
+        self._keys = itertools.count()
 
     def _forward_fn(self, x, training=True):
         activations = as_tuple(self.model(x, training=training))
@@ -65,9 +85,60 @@ class ClientRole:
     def _apply_fn(self, gradients):
         self.optimizer.apply(gradients, self.model.trainable_variables)
 
+    def _variable_gradients(self, tape, activations, regularization, cut_gradients):
+        targets = list(activations) + [regularization]
+        seeds = list(cut_gradients) + [tf.ones(())]
+        return tape.gradient(targets, self.model.trainable_variables, output_gradients=seeds)
+
+    def _step_fn(self, key, x):
+        with tf.GradientTape() as tape:
+            activations, regularization = self._forward_fn(x)
+        cut_gradients = tf.py_function(
+            self._deliver, [key, *activations], Tout=[a.dtype for a in activations]
+        )
+        for gradient, activation in zip(cut_gradients, activations, strict=True):
+            gradient.set_shape(activation.shape)
+        self._apply_fn(
+            self._variable_gradients(tape, activations, regularization, cut_gradients)
+        )
+        return regularization
+
+    def _deliver(self, key, *activations):
+        send = self._sends[int(key)]
+        return send(tuple(a.numpy() for a in activations))
+
     def build(self) -> None:
         if self.optimizer is not None and not self.optimizer.built:
             self.optimizer.build(self.model.trainable_variables)
+
+    def step(self, x, send: Callable) -> tuple[Reply, float]:
+        """One compiled training step; `send(activations) -> Reply` runs at the cut.
+
+        Returns the server's reply and the client's regularization loss.
+        """
+        key = next(self._keys)
+        outcome: dict = {}
+
+        def deliver(activations):
+            try:
+                reply = send(activations)
+                outcome["reply"] = reply
+                return check_gradients(reply.gradients, activations)
+            except BaseException as error:
+                # Kept so the caller sees this error, not TensorFlow's wrapper of it.
+                outcome["error"] = error
+                raise
+
+        self._sends[key] = deliver
+        try:
+            regularization = self._step(tf.constant(key, tf.int64), x)
+        except tf.errors.OpError:
+            if "error" in outcome:
+                raise outcome["error"] from None
+            raise
+        finally:
+            del self._sends[key]
+        return outcome["reply"], float(regularization)
 
     def forward(self, x) -> ClientStep:
         """Training forward pass: run the client half under a gradient tape."""
@@ -92,17 +163,35 @@ class ClientRole:
                 "This ClientStep was already used for a backward pass. Run forward() again "
                 "for a new step."
             )
+        gradients = check_gradients(gradients, [np.asarray(a) for a in step.activations])
         step.used = True
-        if len(gradients) != len(step.activations):
+        seeds = [tf.convert_to_tensor(g) for g in gradients]
+        self._apply(
+            self._variable_gradients(step.tape, step.activations, step.regularization, seeds)
+        )
+
+
+def check_gradients(gradients, activations) -> list[np.ndarray]:
+    """Gradients from the server must match the activations sent, one for one.
+
+    Non-finite values are let through on purpose: a diverging loss is a
+    training outcome the server reports, and `TerminateOnNaN` stops on it.
+    """
+    if len(gradients) != len(activations):
+        raise ValueError(
+            f"Expected one gradient per cut tensor ({len(activations)}), received "
+            f"{len(gradients)}."
+        )
+    checked = []
+    for i, (gradient, activation) in enumerate(zip(gradients, activations, strict=True)):
+        gradient = np.asarray(gradient)
+        if gradient.shape != activation.shape:
             raise ValueError(
-                f"Expected one gradient per cut tensor ({len(step.activations)}), "
-                f"received {len(gradients)}."
+                f"The gradient for cut tensor {i} has shape {gradient.shape}, but the "
+                f"activation sent had shape {activation.shape}."
             )
-        variables = self.model.trainable_variables
-        targets = list(step.activations) + [step.regularization]
-        seeds = [tf.convert_to_tensor(g) for g in gradients] + [tf.ones(())]
-        grads = step.tape.gradient(targets, variables, output_gradients=seeds)
-        self._apply(grads)
+        checked.append(gradient.astype(activation.dtype, copy=False))
+    return checked
 
 
 class ServerRole:

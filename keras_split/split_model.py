@@ -214,15 +214,16 @@ class SplitModel:
         return self._step
 
     def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None,
-            validation_data=None, shuffle=True, initial_epoch=0, sample_weight=None,
-            validation_freq=1, seed=None):
+            validation_split=0.0, validation_data=None, shuffle=True, initial_epoch=0,
+            sample_weight=None, validation_freq=1, seed=None):
         """Train across the cut; same arguments and return value as `keras.Model.fit`.
 
         `History.history` also has `bytes_up` and `bytes_down`: the payload bytes
         that crossed the cut in each epoch's training steps (and `val_bytes_*`).
         """
-        return trainer.fit(self, x, y, batch_size, epochs, verbose, callbacks, validation_data,
-                           shuffle, initial_epoch, sample_weight, validation_freq, seed)
+        return trainer.fit(self, x, y, batch_size, epochs, verbose, callbacks, validation_split,
+                           validation_data, shuffle, initial_epoch, sample_weight,
+                           validation_freq, seed)
 
     def evaluate(self, x=None, y=None, batch_size=None, verbose="auto", sample_weight=None,
                  callbacks=None, return_dict=False):

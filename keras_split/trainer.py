@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from keras_split import protocol
 from keras_split.batching import make_batches
@@ -65,13 +66,51 @@ def _validation_batches(validation_data, batch_size):
     return make_batches(validation_data, batch_size=batch_size, caller="fit")
 
 
+def _hold_out(x, y, sample_weight, validation_split):
+    """Keras's rule: the last `validation_split` of the samples, before shuffling."""
+    if not 0.0 < validation_split < 1.0:
+        raise ValueError(
+            f"`validation_split` must be in (0, 1), received {validation_split!r}."
+        )
+    if isinstance(x, tf.data.Dataset):
+        raise ValueError(
+            "`validation_split` is only supported for arrays; for a tf.data.Dataset pass "
+            "`validation_data` instead."
+        )
+    x, y, sample_weight = (
+        None if s is None else keras.tree.map_structure(np.asarray, s)
+        for s in (x, y, sample_weight)
+    )
+    n = len(keras.tree.flatten(x)[0])
+    split_at = int(np.floor(n * (1.0 - validation_split)))
+    if split_at in (0, n):
+        raise ValueError(
+            f"`validation_split={validation_split}` leaves an empty training or validation set "
+            f"out of {n} samples."
+        )
+
+    def part(structure, index):
+        if structure is None:
+            return None
+        return keras.tree.map_structure(lambda a: a[index], structure)
+
+    train = slice(0, split_at)
+    held = slice(split_at, None)
+    validation = (part(x, held), part(y, held))
+    if sample_weight is not None:
+        validation += (part(sample_weight, held),)
+    return part(x, train), part(y, train), part(sample_weight, train), validation
+
+
 def fit(owner, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None,
-        validation_data=None, shuffle=True, initial_epoch=0, sample_weight=None,
-        validation_freq=1, seed=None):
+        validation_split=0.0, validation_data=None, shuffle=True, initial_epoch=0,
+        sample_weight=None, validation_freq=1, seed=None):
     owner.require_compiled("fit")
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"`epochs` must be a positive integer, received {epochs!r}.")
     verbose = 1 if verbose == "auto" else verbose
+    if validation_split and validation_data is None:
+        x, y, sample_weight, validation_data = _hold_out(x, y, sample_weight, validation_split)
     batches = make_batches(x, y, sample_weight, batch_size, shuffle=shuffle, seed=seed)
     validation = _validation_batches(validation_data, batch_size)
     callback_list = _callbacks(owner, callbacks, verbose, epochs, batches.steps)

@@ -47,7 +47,7 @@ class Transport(abc.ABC):
     def _exchange(self, message: Activations) -> Reply:
         """Deliver one message and return the reply (no accounting)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release the link. The in-process transport holds nothing."""
 
 

@@ -158,7 +158,7 @@ def test_cut_at_input_layer():
 
 def test_cut_at_output_layer():
     model, _ = models.small_cnn()
-    with pytest.raises(ValueError, match=r"'logits': it is an output layer, and every model output"):
+    with pytest.raises(ValueError, match=r"'logits': it is an output layer, and every model"):
         keras_split.split(model, "logits")
 
 

@@ -100,3 +100,48 @@ def test_steps_in_flight_do_not_interfere(rng):
     grad = (np.ones_like(first.activations[0]),)
     client.backward(second, grad)
     client.backward(first, grad)
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "bn_dropout"])
+def test_compiled_and_separate_halves_agree(name, rng):
+    # The fused compiled step and forward()/backward() as two calls do the same
+    # arithmetic: after three steps each, the weights agree.
+    model, cut = models.ALL[name]()
+    x = models.inputs_for(model, 16, rng)
+    y = rng.integers(0, 3, size=16)
+    start = _snapshot(model)
+    results = []
+    for run in (protocol.train_step, protocol.separate_train_step):
+        _restore(model, start)
+        split = keras_split.split(model, cut)
+        client = ClientRole(split.client, keras.optimizers.Adam(1e-2))
+        client.build()
+        transport = InProcessTransport(ServerRole(split.server, "adam", loss=LOSS))
+        for step in range(3):
+            run(client, transport, step, x, y)
+        results.append([w.copy() for w in model.get_weights()])
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_server_error_surfaces_unwrapped_and_client_unchanged(rng):
+    model, cut = models.small_cnn()
+    split = keras_split.split(model, cut)
+    client = ClientRole(split.client, "sgd")
+    client.build()
+    before = [w.copy() for w in split.client.get_weights()]
+
+    def bad_server(activations):
+        raise ConnectionError("server went away")
+
+    with pytest.raises(ConnectionError, match="server went away"):
+        client.step(models.inputs_for(model, 4, rng), bad_server)
+
+    def wrong_shape(activations):
+        return keras_split.Reply(step=0, gradients=(np.zeros((1, 2), "float32"),))
+
+    with pytest.raises(ValueError, match=r"gradient for cut tensor 0 has shape \(1, 2\), but "
+                                         r"the activation sent had shape \(4, 3, 3, 4\)"):
+        client.step(models.inputs_for(model, 4, rng), wrong_shape)
+    for a, b in zip(before, split.client.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -195,3 +195,17 @@ def test_independent_optimizers_per_side():
     assert isinstance(split.client_role.optimizer, keras.optimizers.Adam)
     assert isinstance(split.server_role.optimizer, keras.optimizers.SGD)
     assert split.optimizer is split.client_role.optimizer
+
+
+def test_validation_split_holds_out_the_last_samples_like_keras(rng):
+    model, twin, cut = _twins(models.small_cnn)
+    x, y = _data(model, 50, rng)
+    split = keras_split.split(model, cut)
+    split.compile(optimizer="sgd", loss=LOSS)
+    got = split.fit(x, y, batch_size=8, validation_split=0.2, shuffle=False, verbose=0)
+    twin.compile(optimizer="sgd", loss=LOSS)
+    want = twin.fit(x, y, batch_size=8, validation_split=0.2, shuffle=False, verbose=0)
+    assert got.history["val_loss"][0] == pytest.approx(want.history["val_loss"][0], rel=1e-5)
+    assert got.history["bytes_up"] == [40 * 152]
+    with pytest.raises(ValueError, match=r"`validation_split` must be in \(0, 1\)"):
+        split.fit(x, y, validation_split=1.5, verbose=0)
