@@ -48,7 +48,7 @@ def _describe(model: keras.Model, inputs: bool) -> str:
     )
 
 
-class SplitModel:
+class SplitModel(trainer.LoopOwner):
     """A Keras model cut in two halves, trained with the split-learning protocol.
 
     Build one with `keras_split.split(model, cut)`, or from two halves you wrote
@@ -82,17 +82,12 @@ class SplitModel:
                     f"The {role} model '{model.name}' has no known input shape. Build it "
                     "with keras.Input(...) so the cut can be checked."
                 )
+        super().__init__()
         self.client = client
         self.server = server
         self.cut_specs: tuple[CutSpec, ...] = tuple(cut_specs or self._specs_from_halves())
         self._source = source
-        self.stop_training = False
-        self.history = None
-        self.train_function = None  # TensorBoard looks for a graph here; there is none.
-        self.client_role: ClientRole | None = None
         self.server_role: ServerRole | None = None
-        self.transport: Transport | None = None
-        self._step = 0
 
     def _specs_from_halves(self) -> list[CutSpec]:
         sent = self.client.outputs
@@ -122,11 +117,6 @@ class SplitModel:
     @property
     def layers(self) -> list:
         return list(self.client.layers) + list(self.server.layers)
-
-    @property
-    def optimizer(self):
-        """The client's optimizer (the party that runs the training loop)."""
-        return None if self.client_role is None else self.client_role.optimizer
 
     @property
     def bytes_per_sample(self) -> int | None:
@@ -202,38 +192,6 @@ class SplitModel:
                 f"`transport` must be a keras_split.Transport, received {type(transport).__name__}."
             )
         self.transport = transport
-
-    def require_compiled(self, caller: str) -> None:
-        if self.client_role is None:
-            raise RuntimeError(
-                f"You must call `compile()` before `{caller}()` on this SplitModel."
-            )
-
-    def next_step(self) -> int:
-        self._step += 1
-        return self._step
-
-    def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None,
-            validation_split=0.0, validation_data=None, shuffle=True, initial_epoch=0,
-            sample_weight=None, validation_freq=1, seed=None):
-        """Train across the cut; same arguments and return value as `keras.Model.fit`.
-
-        `History.history` also has `bytes_up` and `bytes_down`: the payload bytes
-        that crossed the cut in each epoch's training steps (and `val_bytes_*`).
-        """
-        return trainer.fit(self, x, y, batch_size, epochs, verbose, callbacks, validation_split,
-                           validation_data, shuffle, initial_epoch, sample_weight,
-                           validation_freq, seed)
-
-    def evaluate(self, x=None, y=None, batch_size=None, verbose="auto", sample_weight=None,
-                 callbacks=None, return_dict=False):
-        """Evaluate across the cut; as `keras.Model.evaluate`."""
-        return trainer.evaluate(self, x, y, batch_size, verbose, sample_weight, callbacks,
-                                return_dict)
-
-    def predict(self, x, batch_size=None, verbose="auto", callbacks=None):
-        """Predict across the cut; as `keras.Model.predict`."""
-        return trainer.predict(self, x, batch_size, verbose, callbacks)
 
     # -- weights and saving --------------------------------------------------
 

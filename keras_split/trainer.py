@@ -204,3 +204,55 @@ def predict(owner, x, batch_size=None, verbose="auto", callbacks=None):
     if not outputs:
         raise ValueError("`predict` received no data: the input has zero samples.")
     return keras.tree.map_structure(lambda *parts: np.concatenate(parts), *outputs)
+
+
+class LoopOwner:
+    """What the training loops and Keras callbacks need of the party running them.
+
+    `SplitModel` (in-process) and `SplitClient` (over the network) both build on
+    it: they set `client_role` and `transport` in `compile()`.
+    """
+
+    def __init__(self):
+        self.stop_training = False
+        self.history = None
+        self.train_function = None  # TensorBoard looks for a graph here; there is none.
+        self.client_role = None
+        self.transport = None
+        self._step = 0
+
+    @property
+    def optimizer(self):
+        """The client's optimizer (the party that runs the training loop)."""
+        return None if self.client_role is None else self.client_role.optimizer
+
+    def require_compiled(self, caller: str) -> None:
+        if self.client_role is None:
+            raise RuntimeError(
+                f"You must call `compile()` before `{caller}()` on this "
+                f"{type(self).__name__}."
+            )
+
+    def next_step(self) -> int:
+        self._step += 1
+        return self._step
+
+    def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None,
+            validation_split=0.0, validation_data=None, shuffle=True, initial_epoch=0,
+            sample_weight=None, validation_freq=1, seed=None):
+        """Train across the cut; same arguments and return value as `keras.Model.fit`.
+
+        `History.history` also has `bytes_up` and `bytes_down`: the bytes that
+        crossed the cut in each epoch's training steps (and `val_bytes_*`).
+        """
+        return fit(self, x, y, batch_size, epochs, verbose, callbacks, validation_split,
+                   validation_data, shuffle, initial_epoch, sample_weight, validation_freq, seed)
+
+    def evaluate(self, x=None, y=None, batch_size=None, verbose="auto", sample_weight=None,
+                 callbacks=None, return_dict=False):
+        """Evaluate across the cut; as `keras.Model.evaluate`."""
+        return evaluate(self, x, y, batch_size, verbose, sample_weight, callbacks, return_dict)
+
+    def predict(self, x, batch_size=None, verbose="auto", callbacks=None):
+        """Predict across the cut; as `keras.Model.predict`."""
+        return predict(self, x, batch_size, verbose, callbacks)

@@ -1,0 +1,173 @@
+"""A `Transport` to a `SplitServer` over gRPC, and the network `SplitClient`."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import grpc
+import keras
+
+from keras_split import trainer, wire
+from keras_split.messages import Activations, Reply
+from keras_split.partition import CutSpec, spec_of
+from keras_split.proto import split_pb2 as pb
+from keras_split.proto import split_pb2_grpc as pb_grpc
+from keras_split.roles import ClientRole
+from keras_split.server import _read, message_limit
+from keras_split.transport import Transport
+
+
+class ServerError(RuntimeError):
+    """The server refused a call for a reason retrying cannot fix."""
+
+
+_FAIL_FAST = {
+    grpc.StatusCode.UNAUTHENTICATED: (
+        PermissionError, "The server refused our credentials ({details}). Check the token "
+                         "(and client certificate, with mutual TLS)."),
+    grpc.StatusCode.PERMISSION_DENIED: (PermissionError, "The server denied the call: {details}."),
+    grpc.StatusCode.INVALID_ARGUMENT: (ValueError, "The server rejected the message: {details}."),
+    grpc.StatusCode.FAILED_PRECONDITION: (ServerError, "The server refused: {details}."),
+    grpc.StatusCode.NOT_FOUND: (ServerError, "The server does not know this session: {details}."),
+}
+
+
+class GrpcTransport(Transport):
+    """Client end of the gRPC link.
+
+    Args:
+        address: the server's "host:port".
+        token: this client's bearer token.
+        root_certificates: PEM (bytes or path) of the CA that signed the server's
+            certificate; None uses the system's roots.
+        certificate, private_key: this client's PEM certificate and key, for
+            servers that require mutual TLS.
+        insecure: connect without TLS (only to a server started with insecure=True).
+        timeout: deadline of each call, seconds.
+        retries: attempts after the first for UNAVAILABLE, with jittered
+            exponential backoff from `backoff` seconds, capped at `max_backoff`.
+
+    Byte counters count the serialized request and reply messages: what is sent.
+    """
+
+    def __init__(self, address: str, token: str, root_certificates=None, certificate=None,
+                 private_key=None, insecure: bool = False, timeout: float = 30.0,
+                 retries: int = 5, backoff: float = 0.1, max_backoff: float = 5.0):
+        super().__init__()
+        self.address = address
+        self._metadata = (("authorization", f"Bearer {token}"),)
+        self._insecure = insecure
+        self._credentials = None if insecure else grpc.ssl_channel_credentials(
+            root_certificates=_read(root_certificates), private_key=_read(private_key),
+            certificate_chain=_read(certificate))
+        self.timeout, self.retries = timeout, retries
+        self.backoff, self.max_backoff = backoff, max_backoff
+        self._channel = None
+        self._stub = None
+        self.session_id: str | None = None
+        self._specs: list[CutSpec] = []
+        self._max_elements = 0
+
+    def open(self, specs) -> None:
+        """Connect and agree on the protocol version and the cut."""
+        self._specs = list(specs)
+        limit = message_limit(self._specs, 1 << 16)
+        options = [("grpc.max_receive_message_length", limit),
+                   ("grpc.max_send_message_length", limit)]
+        if self._insecure:
+            self._channel = grpc.insecure_channel(self.address, options=options)
+        else:
+            self._channel = grpc.secure_channel(self.address, self._credentials, options=options)
+        self._stub = pb_grpc.SplitLearningStub(self._channel)
+        request = pb.OpenRequest(protocol_version=wire.PROTOCOL_VERSION, codec="none",
+                                 cut=[wire.spec_to_pb(s) for s in self._specs])
+        reply = self._call(self._stub.Open, request)
+        self.session_id = reply.session_id
+        per_sample = max(1, max(s.bytes_per_sample or 1 for s in self._specs))
+        self._max_elements = reply.max_batch_size * per_sample
+
+    def _call(self, method, request):
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                return method(request, metadata=self._metadata, timeout=self.timeout)
+            except grpc.RpcError as error:
+                code = error.code()
+                if code in _FAIL_FAST:
+                    kind, text = _FAIL_FAST[code]
+                    raise kind(text.format(details=error.details())) from None
+                if code != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
+                    raise ConnectionError(
+                        f"Call to the split server at {self.address} failed: {code.name} "
+                        f"({error.details()}) after {attempt + 1} attempt(s)."
+                    ) from None
+                # Jitter spreads the retries of many clients after a restart.
+                time.sleep(random.uniform(0, delay))  # noqa: S311 - not cryptographic
+                delay = min(delay * 2, self.max_backoff)
+        raise AssertionError("unreachable")  # pragma: no cover  # noqa: S101
+
+    def exchange(self, message: Activations) -> Reply:
+        if self.session_id is None:
+            raise RuntimeError("The transport is not open: call open(cut_specs) first.")
+        request = wire.request_to_pb(self.session_id, message)
+        reply = self._call(self._stub.Step, request)
+        self.bytes.up += request.ByteSize()
+        self.bytes.down += reply.ByteSize()
+        decoded = wire.reply_from_pb(reply, self._max_elements)
+        if decoded.step != message.step:
+            raise RuntimeError(f"The server answered step {decoded.step} to step {message.step}.")
+        return decoded
+
+    def _exchange(self, message: Activations) -> Reply:  # pragma: no cover - exchange overrides
+        return self.exchange(message)
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+
+
+class SplitClient(trainer.LoopOwner):
+    """The client half, training against a remote `SplitServer`.
+
+    Same `compile`/`fit`/`evaluate`/`predict`, progress bar, `History` and byte
+    counters as `SplitModel`; the loss and metrics live on the server.
+
+    Args:
+        model: the client half (`split.client`).
+        server: the server's "host:port".
+        token: this client's bearer token.
+        root_certificates, certificate, private_key, insecure, timeout, retries:
+            as in `GrpcTransport`.
+    """
+
+    def __init__(self, model: keras.Model, server: str, token: str, **transport_options):
+        super().__init__()
+        self.client = model
+        self.cut_specs = tuple(spec_of(f"cut_{i}", t) for i, t in enumerate(model.outputs))
+        self._transport_options = dict(server=server, token=token, **transport_options)
+
+    @property
+    def layers(self):
+        return list(self.client.layers)
+
+    def compile(self, optimizer="rmsprop"):
+        """Set the client's optimizer and open the session with the server."""
+        options = dict(self._transport_options)
+        transport = GrpcTransport(options.pop("server"), options.pop("token"), **options)
+        transport.open(self.cut_specs)
+        self.client_role = ClientRole(self.client, optimizer)
+        self.client_role.build()
+        self.transport = transport
+
+    def get_weights(self):
+        return self.client.get_weights()
+
+    def set_weights(self, weights):
+        self.client.set_weights(weights)
+
+    def save(self, filepath, overwrite=True):
+        self.client.save(filepath, overwrite=overwrite)
+
+    def save_weights(self, filepath, overwrite=True):
+        self.client.save_weights(filepath, overwrite=overwrite)

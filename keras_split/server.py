@@ -1,0 +1,222 @@
+"""The split-learning server over gRPC.
+
+Protocol, per client:
+
+1. The client calls `Open` with the protocol version and its cut spec (name,
+   dtype and shape of each tensor it will send). The server checks both against
+   its own half and opens a session that belongs to that client.
+2. For each step the client calls `Step` with the session id, a step number and
+   the cut tensors (and labels). The server authenticates the caller before any
+   handler runs, checks the session is the caller's, decodes and validates every
+   tensor against the cut spec, and only then runs its `ServerRole`.
+3. Step numbers make retries safe: a step equal to the last applied one gets
+   the cached reply (the optimizer moves exactly once); an older or skipped one
+   is refused with FAILED_PRECONDITION.
+
+TLS is on unless `insecure=True`. Clients authenticate with a bearer token
+(`authorization: Bearer <token>` metadata); with `client_ca`, the server also
+requires a client certificate signed by that CA (mutual TLS).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+
+from keras_split import wire
+from keras_split.partition import CutSpec, spec_of
+from keras_split.proto import split_pb2 as pb
+from keras_split.proto import split_pb2_grpc as pb_grpc
+from keras_split.roles import ServerRole
+
+logger = logging.getLogger("keras_split.server")
+
+# Room for labels, sample weights and framing beside the cut tensors, per sample
+# and per message. Labels larger than this per sample need a larger limit.
+LABEL_BYTES_PER_SAMPLE = 4096
+MESSAGE_OVERHEAD = 1 << 20
+
+
+def _read(value) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    with open(value, "rb") as f:
+        return f.read()
+
+
+def message_limit(specs, max_batch_size: int) -> int:
+    """Largest request the server accepts: derived from the cut, not a default."""
+    per_sample = sum(s.bytes_per_sample or 0 for s in specs) + LABEL_BYTES_PER_SAMPLE
+    return max_batch_size * per_sample + MESSAGE_OVERHEAD
+
+
+class _TokenInterceptor(grpc.ServerInterceptor):
+    """Refuses calls without a known bearer token before any handler work."""
+
+    def __init__(self, tokens: dict[str, str]):
+        self._tokens = tokens
+
+    def identify(self, metadata) -> str | None:
+        for key, value in metadata or ():
+            if key == "authorization" and value.startswith("Bearer "):
+                presented = value[len("Bearer "):].encode()
+                for token, client_id in self._tokens.items():
+                    if hmac.compare_digest(presented, token.encode()):
+                        return client_id
+        return None
+
+    def intercept_service(self, continuation, handler_call_details):
+        if self.identify(handler_call_details.invocation_metadata) is None:
+            def refuse(request, context):
+                context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                              "missing or unknown bearer token")
+            return grpc.unary_unary_rpc_method_handler(refuse)
+        return continuation(handler_call_details)
+
+
+@dataclass
+class _Session:
+    client_id: str
+    last_step: int = 0
+    cached: pb.StepReply | None = None
+    lock: threading.Lock = None
+
+    def __post_init__(self):
+        self.lock = threading.Lock()
+
+
+class _Servicer(pb_grpc.SplitLearningServicer):
+    def __init__(self, server: SplitServer):
+        self.server = server
+
+    def Open(self, request, context):  # noqa: N802 - gRPC method name
+        client_id = self.server._interceptor.identify(context.invocation_metadata())
+        if request.protocol_version != wire.PROTOCOL_VERSION:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"protocol version {request.protocol_version} is not supported; "
+                          f"the server speaks version {wire.PROTOCOL_VERSION}")
+        if request.codec not in ("", "none"):
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"codec {request.codec!r} is not supported; expected 'none'")
+        mine = [(s.dtype, s.shape) for s in self.server.cut_specs]
+        theirs = [wire.spec_from_pb(s) for s in request.cut]
+        if mine != theirs:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"cut mismatch: the client sends {theirs}, the server's half takes "
+                          f"{mine}")
+        session_id = secrets.token_hex(16)
+        with self.server._lock:
+            self.server._sessions[session_id] = _Session(client_id=client_id)
+        return pb.OpenReply(session_id=session_id, protocol_version=wire.PROTOCOL_VERSION,
+                            last_step=0, max_batch_size=self.server.max_batch_size)
+
+    def Step(self, request, context):  # noqa: N802 - gRPC method name
+        client_id = self.server._interceptor.identify(context.invocation_metadata())
+        with self.server._lock:
+            session = self.server._sessions.get(request.session_id)
+        if session is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, "unknown session; call Open first")
+        if session.client_id != client_id:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          "this session belongs to another client")
+        with session.lock:
+            if request.step == session.last_step and session.cached is not None:
+                return session.cached  # a retransmission: answer again, apply nothing
+            if request.step != session.last_step + 1:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"step {request.step} is stale or out of order; expected "
+                              f"{session.last_step + 1}")
+            try:
+                message = wire.request_from_pb(request, self.server.cut_specs,
+                                               self.server.max_batch_size)
+            except wire.WireError as error:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            with self.server._model_lock:
+                try:
+                    reply = self.server.role.handle(message)
+                except ValueError as error:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            encoded = wire.reply_to_pb(reply)
+            session.last_step, session.cached = request.step, encoded
+            return encoded
+
+
+class SplitServer:
+    """Serve the server half of a split model to remote clients over gRPC.
+
+    Args:
+        model: the server half (a `keras.Model` whose inputs are the cut).
+        loss, optimizer, metrics, loss_weights: as in `SplitModel.compile`.
+        tokens: `{token: client_id}`; a client must present one of them.
+        address: "host:port" to listen on ("127.0.0.1:0" picks a free port).
+        certificate, private_key: PEM (bytes or a path) for TLS.
+        client_ca: PEM of the CA that signs client certificates (mutual TLS).
+        insecure: serve without TLS (logs a warning). Only for loopback tests.
+        max_batch_size: the largest batch a client may send; sets the message limit.
+
+    Example:
+
+    ```python
+    server = keras_split.SplitServer(split.server, loss="sparse_categorical_crossentropy",
+                                     optimizer="adam", tokens={"s3cret": "hospital-a"},
+                                     certificate="server.pem", private_key="server.key")
+    server.start(); server.wait()
+    ```
+    """
+
+    def __init__(self, model, loss, optimizer="rmsprop", metrics=None, loss_weights=None, *,
+                 tokens: dict[str, str], address: str = "127.0.0.1:0", certificate=None,
+                 private_key=None, client_ca=None, insecure: bool = False,
+                 max_batch_size: int = 1024, max_workers: int = 4):
+        if not tokens:
+            raise ValueError("`tokens` must name at least one client: {token: client_id}.")
+        certificate, private_key = _read(certificate), _read(private_key)
+        if not insecure and (certificate is None or private_key is None):
+            raise ValueError(
+                "TLS is on by default: pass `certificate` and `private_key` (PEM bytes or "
+                "paths), or insecure=True to serve in plaintext (loopback testing only)."
+            )
+        self.cut_specs: list[CutSpec] = [spec_of(t.name, t) for t in model.inputs]
+        self.role = ServerRole(model, optimizer, loss, metrics, loss_weights)
+        self.max_batch_size = max_batch_size
+        self._sessions: dict[str, _Session] = {}
+        self._lock = threading.Lock()
+        self._model_lock = threading.Lock()
+        self._interceptor = _TokenInterceptor(dict(tokens))
+        limit = message_limit(self.cut_specs, max_batch_size)
+        self._grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers),
+            interceptors=[self._interceptor],
+            options=[("grpc.max_receive_message_length", limit),
+                     ("grpc.max_send_message_length", limit)],
+        )
+        pb_grpc.add_SplitLearningServicer_to_server(_Servicer(self), self._grpc)
+        if insecure:
+            logger.warning("Serving WITHOUT TLS on %s: traffic and tokens are readable by "
+                           "anyone on the network path.", address)
+            self.port = self._grpc.add_insecure_port(address)
+        else:
+            credentials = grpc.ssl_server_credentials(
+                [(private_key, certificate)], root_certificates=_read(client_ca),
+                require_client_auth=client_ca is not None,
+            )
+            self.port = self._grpc.add_secure_port(address, credentials)
+        if self.port == 0:
+            raise OSError(f"Could not listen on {address!r}.")
+        self.address = f"{address.rsplit(':', 1)[0]}:{self.port}"
+
+    def start(self) -> SplitServer:
+        self._grpc.start()
+        return self
+
+    def stop(self, grace: float | None = None) -> None:
+        self._grpc.stop(grace)
+
+    def wait(self) -> None:
+        self._grpc.wait_for_termination()
