@@ -13,9 +13,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 # ruff: noqa: E402
 
 from keras_split import datasets
+from keras_split.grpc_transport import GrpcTransport, ServerError, SplitClient
 from keras_split.messages import Activations, Reply
 from keras_split.partition import CutCandidate, CutSpec, cut_candidates
 from keras_split.roles import ClientRole, ClientStep, ServerRole
+from keras_split.server import SplitServer
 from keras_split.split_model import SplitModel, split
 from keras_split.transport import ByteCounter, InProcessTransport, Transport
 
@@ -29,9 +31,13 @@ __all__ = [
     "CutCandidate",
     "CutSpec",
     "InProcessTransport",
+    "GrpcTransport",
     "Reply",
+    "ServerError",
     "ServerRole",
+    "SplitClient",
     "SplitModel",
+    "SplitServer",
     "Transport",
     "cut_candidates",
     "datasets",

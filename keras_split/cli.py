@@ -21,6 +21,97 @@ def _demo(args) -> int:
     return 0
 
 
+def _halves(args) -> int:
+    from keras_split.netdemo import save_halves
+
+    client, server = save_halves(args.out, cut=args.cut)
+    print(f"wrote {client} (keep on the client) and {server} (give to the server)")
+    return 0
+
+
+def _certs(args) -> int:
+    from keras_split.devcerts import write_dev_certificates
+
+    for name, path in write_dev_certificates(args.out).items():
+        print(f"{name:12} {path}")
+    print("Development certificates for localhost/127.0.0.1, valid one day. Not for production.")
+    return 0
+
+
+def _serve(args) -> int:
+    from keras_split.netdemo import make_server, read_tokens
+
+    server = make_server(
+        args.model, args.loss, args.from_logits, args.optimizer, args.learning_rate,
+        args.metrics, tokens=read_tokens(args.token_file), address=args.address,
+        certificate=args.cert, private_key=args.key, client_ca=args.client_ca,
+        insecure=args.insecure, max_batch_size=args.max_batch_size,
+    ).start()
+    print(f"serving {args.model} on {server.address} "
+          f"({'INSECURE, no TLS' if args.insecure else 'TLS'}); Ctrl-C to stop")
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        server.stop(grace=2)
+    return 0
+
+
+def _client(args) -> int:
+    from keras_split.netdemo import train_client
+
+    train_client(args.model, args.server, args.token, args.epochs, args.batch_size,
+                 args.learning_rate, root_certificates=args.ca, certificate=args.cert,
+                 private_key=args.key, insecure=args.insecure)
+    return 0
+
+
+def _network_commands(commands) -> None:
+    halves = commands.add_parser("halves", help="save the demo CNN's two halves as .keras files")
+    halves.add_argument("--out", required=True, help="folder for client.keras and server.keras")
+    halves.add_argument("--cut", default="pool2", help="cut layer (default pool2)")
+    halves.set_defaults(run=_halves)
+
+    certs = commands.add_parser(
+        "certs", help="write a throwaway CA and localhost certificates (development only)")
+    certs.add_argument("--out", required=True, help="folder for the PEM files")
+    certs.set_defaults(run=_certs)
+
+    serve = commands.add_parser("serve", help="serve a server half over gRPC (TLS by default)")
+    serve.add_argument("--model", required=True, help="the server half, a .keras file")
+    serve.add_argument("--loss", default="sparse_categorical_crossentropy",
+                       help="Keras loss name (default sparse_categorical_crossentropy)")
+    serve.add_argument("--from-logits", action="store_true",
+                       help="the model outputs logits (the demo CNN does)")
+    serve.add_argument("--optimizer", default="adam", help="Keras optimizer name (default adam)")
+    serve.add_argument("--learning-rate", type=float, default=1e-3)
+    serve.add_argument("--metrics", nargs="*", default=["accuracy"])
+    serve.add_argument("--address", default="127.0.0.1:50051", help="HOST:PORT to listen on")
+    serve.add_argument("--cert", help="server certificate (PEM)")
+    serve.add_argument("--key", help="server private key (PEM)")
+    serve.add_argument("--client-ca", help="CA of client certificates: require mutual TLS")
+    serve.add_argument("--insecure", action="store_true",
+                       help="serve without TLS (logs a warning; loopback testing only)")
+    serve.add_argument("--token-file", required=True,
+                       help="file of 'TOKEN CLIENT_ID' lines: the clients allowed in")
+    serve.add_argument("--max-batch-size", type=int, default=1024,
+                       help="largest batch accepted; sets the message size limit")
+    serve.set_defaults(run=_serve)
+
+    client = commands.add_parser(
+        "client", help="train a client half on the shipped chest X-rays against a server")
+    client.add_argument("--model", required=True, help="the client half, a .keras file")
+    client.add_argument("--server", required=True, help="the server's HOST:PORT")
+    client.add_argument("--token", required=True, help="this client's token")
+    client.add_argument("--ca", help="CA that signed the server's certificate (PEM)")
+    client.add_argument("--cert", help="client certificate, for mutual TLS")
+    client.add_argument("--key", help="client private key, for mutual TLS")
+    client.add_argument("--insecure", action="store_true", help="connect without TLS")
+    client.add_argument("--epochs", type=int, default=5)
+    client.add_argument("--batch-size", type=int, default=64)
+    client.add_argument("--learning-rate", type=float, default=1e-3)
+    client.set_defaults(run=_client)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="keras-split", description="Split learning for TensorFlow/Keras."
@@ -50,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="list the valid cut layers with bytes per sample, client parameters and FLOPs",
     )
     demo.set_defaults(run=_demo)
+    _network_commands(commands)
     return parser
 
 
@@ -63,7 +155,7 @@ def main(argv=None) -> int:
             return 2
     try:
         return args.run(args)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, OSError, PermissionError) as error:
         # User errors (a bad --cut, say) get the message, not a traceback.
         print(f"keras-split: error: {error}", file=sys.stderr)
         return 2

@@ -33,6 +33,13 @@ _FAIL_FAST = {
 }
 
 
+def _is_tls_failure(details: str) -> bool:
+    # gRPC reports a failed handshake as UNAVAILABLE, like a server that is
+    # down; retrying a certificate problem only delays the error.
+    text = details.lower()
+    return any(word in text for word in ("ssl", "tls", "handshake", "certificate"))
+
+
 class GrpcTransport(Transport):
     """Client end of the gRPC link.
 
@@ -97,6 +104,13 @@ class GrpcTransport(Transport):
                 if code in _FAIL_FAST:
                     kind, text = _FAIL_FAST[code]
                     raise kind(text.format(details=error.details())) from None
+                details = error.details() or ""
+                if code == grpc.StatusCode.UNAVAILABLE and _is_tls_failure(details):
+                    raise ConnectionError(
+                        f"TLS handshake with {self.address} failed ({details}). Check that "
+                        "root_certificates is the CA that signed the server's certificate, "
+                        "and the client certificate if the server requires one."
+                    ) from None
                 if code != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
                     raise ConnectionError(
                         f"Call to the split server at {self.address} failed: {code.name} "

@@ -1,0 +1,87 @@
+"""The demo over the network: save the halves, serve one, train the other.
+
+Two terminals on one machine (see the README):
+
+    keras-split certs --out certs
+    keras-split halves --out halves
+    keras-split serve --model halves/server.keras --cert certs/server.pem \\
+        --key certs/server.key --token-file tokens.txt
+    keras-split client --model halves/client.keras --server localhost:50051 \\
+        --ca certs/ca.pem --token s3cret
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+
+from keras_split.datasets import load_pneumoniamnist_balanced
+from keras_split.demo import DEFAULT_CUT, build_demo_cnn
+from keras_split.grpc_transport import SplitClient
+from keras_split.server import SplitServer
+from keras_split.split_model import split
+
+
+def save_halves(folder, cut=DEFAULT_CUT, seed=0) -> tuple[Path, Path]:
+    """Cut the demo CNN and save `client.keras` and `server.keras` into `folder`."""
+    keras.utils.set_random_seed(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    halves = split(build_demo_cnn(), cut)
+    client_path, server_path = folder / "client.keras", folder / "server.keras"
+    halves.client.save(client_path)
+    halves.server.save(server_path)
+    return client_path, server_path
+
+
+def read_tokens(path) -> dict[str, str]:
+    """Read `token client_id` lines (blank lines and # comments skipped)."""
+    tokens = {}
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise ValueError(
+                f"{path}:{number}: expected 'TOKEN CLIENT_ID', received {len(parts)} fields."
+            )
+        tokens[parts[0]] = parts[1]
+    if not tokens:
+        raise ValueError(f"{path} names no client; add lines of the form 'TOKEN CLIENT_ID'.")
+    return tokens
+
+
+def make_server(model_path, loss, from_logits, optimizer, learning_rate, metrics, **options):
+    model = keras.models.load_model(model_path)  # the operator's own file, not a peer's
+    loss_object = loss
+    if from_logits:
+        # "sparse_categorical_crossentropy" -> the SparseCategoricalCrossentropy class.
+        class_name = "".join(part.capitalize() for part in loss.split("_"))
+        try:
+            loss_object = keras.losses.get(
+                {"class_name": class_name, "config": {"from_logits": True}}
+            )
+        except (ValueError, TypeError) as error:
+            raise ValueError(
+                f"--from-logits needs a loss class that takes from_logits (e.g. "
+                f"sparse_categorical_crossentropy, binary_crossentropy); received {loss!r}."
+            ) from error
+    optimizer_object = keras.optimizers.get(optimizer)
+    optimizer_object.learning_rate = learning_rate
+    return SplitServer(model, loss_object, optimizer_object, metrics, **options)
+
+
+def train_client(model_path, server, token, epochs, batch_size, learning_rate, print_fn=print,
+                 **options):
+    (x_train, y_train), (x_val, y_val), (x_test, y_test) = load_pneumoniamnist_balanced()
+    client = SplitClient(keras.models.load_model(model_path), server=server, token=token,
+                         **options)
+    client.compile(optimizer=keras.optimizers.Adam(learning_rate))
+    client.fit(x_train, y_train, batch_size=batch_size, epochs=epochs,
+               validation_data=(x_val, y_val))
+    logs = client.evaluate(x_test, y_test, verbose=0, return_dict=True)
+    print_fn(f"test: {', '.join(f'{k} {v:.4f}' for k, v in logs.items())} "
+             "(balanced PneumoniaMNIST subset)")
+    return logs
