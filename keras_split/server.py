@@ -28,6 +28,7 @@ from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
+import tensorflow as tf
 
 from keras_split import wire
 from keras_split.partition import CutSpec, spec_of
@@ -140,8 +141,11 @@ class _Servicer(pb_grpc.SplitLearningServicer):
             with self.server._model_lock:
                 try:
                     reply = self.server.role.handle(message)
-                except ValueError as error:
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+                except (ValueError, tf.errors.InvalidArgumentError) as error:
+                    # Data the checks above cannot judge (a label outside the
+                    # classes, say) fails in the loss, before any update.
+                    text = getattr(error, "message", None) or str(error)
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, text.splitlines()[0])
             encoded = wire.reply_to_pb(reply)
             session.last_step, session.cached = request.step, encoded
             return encoded

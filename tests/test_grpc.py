@@ -268,6 +268,18 @@ def test_malformed_message_is_rejected_without_state_change(raw, kind):
     call("Step", _request(session, 1))  # the session still works
 
 
+def test_label_outside_the_classes_is_rejected_without_state_change(raw):
+    split, _, call, session = raw
+    before = _weights(split)
+    request = _request(session, 1)
+    request.labels[0].CopyFrom(wire.encode(np.array([0, 1, 7, 2])))
+    with pytest.raises(grpc.RpcError) as info:
+        call("Step", request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "7" in info.value.details()
+    _assert_unchanged(before, split)
+
+
 def test_oversized_message_is_refused(server_pair, ca):
     model, cut = models.small_cnn()
     split = keras_split.split(model, cut)
