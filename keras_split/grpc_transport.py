@@ -121,20 +121,13 @@ class GrpcTransport(Transport):
                 delay = min(delay * 2, self.max_backoff)
         raise AssertionError("unreachable")  # pragma: no cover  # noqa: S101
 
-    def exchange(self, message: Activations) -> Reply:
+    def _exchange(self, message: Activations) -> tuple[Reply, int, int]:
         if self.session_id is None:
             raise RuntimeError("The transport is not open: call open(cut_specs) first.")
         request = wire.request_to_pb(self.session_id, message)
         reply = self._call(self._stub.Step, request)
-        self.bytes.up += request.ByteSize()
-        self.bytes.down += reply.ByteSize()
         decoded = wire.reply_from_pb(reply, self._max_elements)
-        if decoded.step != message.step:
-            raise RuntimeError(f"The server answered step {decoded.step} to step {message.step}.")
-        return decoded
-
-    def _exchange(self, message: Activations) -> Reply:  # pragma: no cover - exchange overrides
-        return self.exchange(message)
+        return decoded, request.ByteSize(), reply.ByteSize()
 
     def close(self) -> None:
         if self._channel is not None:

@@ -32,20 +32,24 @@ class Transport(abc.ABC):
         self.bytes = ByteCounter()
 
     def exchange(self, message: Activations) -> Reply:
-        """Send `message` and return the server's reply, counting both."""
-        self.bytes.up += message.nbytes
-        reply = self._exchange(message)
+        """Send `message` and return the server's reply, counting both directions."""
+        reply, sent, received = self._exchange(message)
+        self.bytes.up += sent
+        self.bytes.down += received
         if reply.step != message.step:
             raise RuntimeError(
                 f"The server answered step {reply.step} to step {message.step}; the "
                 "transport lost track of the conversation."
             )
-        self.bytes.down += reply.nbytes
         return reply
 
     @abc.abstractmethod
-    def _exchange(self, message: Activations) -> Reply:
-        """Deliver one message and return the reply (no accounting)."""
+    def _exchange(self, message: Activations) -> tuple[Reply, int, int]:
+        """Deliver one message; return the reply and the bytes sent and received.
+
+        Each transport counts what it really carries: the tensor payload in
+        process, the serialized messages over a network.
+        """
 
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release the link. The in-process transport holds nothing."""
@@ -62,5 +66,6 @@ class InProcessTransport(Transport):
         super().__init__()
         self.server = server
 
-    def _exchange(self, message: Activations) -> Reply:
-        return self.server.handle(message)
+    def _exchange(self, message: Activations) -> tuple[Reply, int, int]:
+        reply = self.server.handle(message)
+        return reply, message.nbytes, reply.nbytes
