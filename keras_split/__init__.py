@@ -12,7 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 # ruff: noqa: E402
 
-from keras_split import datasets
+from keras_split import codecs, datasets
 from keras_split.grpc_transport import GrpcTransport, ServerError, SplitClient
 from keras_split.messages import Activations, Reply
 from keras_split.partition import CutCandidate, CutSpec, cut_candidates
@@ -39,6 +39,7 @@ __all__ = [
     "SplitModel",
     "SplitServer",
     "Transport",
+    "codecs",
     "cut_candidates",
     "datasets",
     "split",

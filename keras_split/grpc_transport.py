@@ -8,7 +8,7 @@ import time
 import grpc
 import keras
 
-from keras_split import trainer, wire
+from keras_split import codecs, trainer, wire
 from keras_split.messages import Activations, Reply
 from keras_split.partition import CutSpec, spec_of
 from keras_split.proto import split_pb2 as pb
@@ -51,6 +51,9 @@ class GrpcTransport(Transport):
         certificate, private_key: this client's PEM certificate and key, for
             servers that require mutual TLS.
         insecure: connect without TLS (only to a server started with insecure=True).
+        compression: codec for the cut tensors both ways: None, "float16",
+            "bfloat16", "int8", "topk", "topk:FRACTION" or a `codecs.Codec`.
+            Agreed with the server when the session opens.
         timeout: deadline of each call, seconds.
         retries: attempts after the first for UNAVAILABLE, with jittered
             exponential backoff from `backoff` seconds, capped at `max_backoff`.
@@ -59,10 +62,12 @@ class GrpcTransport(Transport):
     """
 
     def __init__(self, address: str, token: str, root_certificates=None, certificate=None,
-                 private_key=None, insecure: bool = False, timeout: float = 30.0,
+                 private_key=None, insecure: bool = False, compression=None,
+                 timeout: float = 30.0,
                  retries: int = 5, backoff: float = 0.1, max_backoff: float = 5.0):
         super().__init__()
         self.address = address
+        self.codec = codecs.get(compression)
         self._metadata = (("authorization", f"Bearer {token}"),)
         self._insecure = insecure
         self._credentials = None if insecure else grpc.ssl_channel_credentials(
@@ -87,7 +92,7 @@ class GrpcTransport(Transport):
         else:
             self._channel = grpc.secure_channel(self.address, self._credentials, options=options)
         self._stub = pb_grpc.SplitLearningStub(self._channel)
-        request = pb.OpenRequest(protocol_version=wire.PROTOCOL_VERSION, codec="none",
+        request = pb.OpenRequest(protocol_version=wire.PROTOCOL_VERSION, codec=self.codec.spec,
                                  cut=[wire.spec_to_pb(s) for s in self._specs])
         reply = self._call(self._stub.Open, request)
         self.session_id = reply.session_id
@@ -124,9 +129,9 @@ class GrpcTransport(Transport):
     def _exchange(self, message: Activations) -> tuple[Reply, int, int]:
         if self.session_id is None:
             raise RuntimeError("The transport is not open: call open(cut_specs) first.")
-        request = wire.request_to_pb(self.session_id, message)
+        request = wire.request_to_pb(self.session_id, message, self.codec)
         reply = self._call(self._stub.Step, request)
-        decoded = wire.reply_from_pb(reply, self._max_elements)
+        decoded = wire.reply_from_pb(reply, self._max_elements, self.codec)
         return decoded, request.ByteSize(), reply.ByteSize()
 
     def close(self) -> None:
@@ -144,8 +149,8 @@ class SplitClient(trainer.LoopOwner):
         model: the client half (`split.client`).
         server: the server's "host:port".
         token: this client's bearer token.
-        root_certificates, certificate, private_key, insecure, timeout, retries:
-            as in `GrpcTransport`.
+        root_certificates, certificate, private_key, insecure, compression,
+            timeout, retries: as in `GrpcTransport`.
     """
 
     def __init__(self, model: keras.Model, server: str, token: str, **transport_options):
@@ -158,9 +163,15 @@ class SplitClient(trainer.LoopOwner):
     def layers(self):
         return list(self.client.layers)
 
-    def compile(self, optimizer="rmsprop"):
-        """Set the client's optimizer and open the session with the server."""
+    def compile(self, optimizer="rmsprop", compression=None):
+        """Set the client's optimizer and open the session with the server.
+
+        `compression` chooses the codec of the cut tensors (see `GrpcTransport`);
+        it overrides one given to the constructor.
+        """
         options = dict(self._transport_options)
+        if compression is not None:
+            options["compression"] = compression
         transport = GrpcTransport(options.pop("server"), options.pop("token"), **options)
         transport.open(self.cut_specs)
         self.client_role = ClientRole(self.client, optimizer)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import grpc
 import tensorflow as tf
 
-from keras_split import wire
+from keras_split import codecs, wire
 from keras_split.partition import CutSpec, spec_of
 from keras_split.proto import split_pb2 as pb
 from keras_split.proto import split_pb2_grpc as pb_grpc
@@ -84,6 +84,7 @@ class _TokenInterceptor(grpc.ServerInterceptor):
 @dataclass
 class _Session:
     client_id: str
+    codec: codecs.Codec = codecs.NONE
     last_step: int = 0
     cached: pb.StepReply | None = None
     lock: threading.Lock = None
@@ -102,9 +103,14 @@ class _Servicer(pb_grpc.SplitLearningServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"protocol version {request.protocol_version} is not supported; "
                           f"the server speaks version {wire.PROTOCOL_VERSION}")
-        if request.codec not in ("", "none"):
+        try:
+            codec = codecs.get(request.codec or None)
+        except ValueError:
+            codec = None
+        if codec is None or codec.name not in self.server.codecs:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"codec {request.codec!r} is not supported; expected 'none'")
+                          f"compression {request.codec!r} is not accepted; this server accepts "
+                          f"{sorted(self.server.codecs)}")
         mine = [(s.dtype, s.shape) for s in self.server.cut_specs]
         theirs = [wire.spec_from_pb(s) for s in request.cut]
         if mine != theirs:
@@ -113,7 +119,7 @@ class _Servicer(pb_grpc.SplitLearningServicer):
                           f"{mine}")
         session_id = secrets.token_hex(16)
         with self.server._lock:
-            self.server._sessions[session_id] = _Session(client_id=client_id)
+            self.server._sessions[session_id] = _Session(client_id=client_id, codec=codec)
         return pb.OpenReply(session_id=session_id, protocol_version=wire.PROTOCOL_VERSION,
                             last_step=0, max_batch_size=self.server.max_batch_size)
 
@@ -135,7 +141,7 @@ class _Servicer(pb_grpc.SplitLearningServicer):
                               f"{session.last_step + 1}")
             try:
                 message = wire.request_from_pb(request, self.server.cut_specs,
-                                               self.server.max_batch_size)
+                                               self.server.max_batch_size, session.codec)
             except wire.WireError as error:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
             with self.server._model_lock:
@@ -146,7 +152,7 @@ class _Servicer(pb_grpc.SplitLearningServicer):
                     # classes, say) fails in the loss, before any update.
                     text = getattr(error, "message", None) or str(error)
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, text.splitlines()[0])
-            encoded = wire.reply_to_pb(reply)
+            encoded = wire.reply_to_pb(reply, session.codec)
             session.last_step, session.cached = request.step, encoded
             return encoded
 
@@ -163,6 +169,8 @@ class SplitServer:
         client_ca: PEM of the CA that signs client certificates (mutual TLS).
         insecure: serve without TLS (logs a warning). Only for loopback tests.
         max_batch_size: the largest batch a client may send; sets the message limit.
+        allowed_compression: names of the codecs clients may choose (see
+            `keras_split.codecs`); all of them by default. "none" is always allowed.
 
     Example:
 
@@ -177,7 +185,8 @@ class SplitServer:
     def __init__(self, model, loss, optimizer="rmsprop", metrics=None, loss_weights=None, *,
                  tokens: dict[str, str], address: str = "127.0.0.1:0", certificate=None,
                  private_key=None, client_ca=None, insecure: bool = False,
-                 max_batch_size: int = 1024, max_workers: int = 4):
+                 max_batch_size: int = 1024, max_workers: int = 4,
+                 allowed_compression=codecs.NAMES):
         if not tokens:
             raise ValueError("`tokens` must name at least one client: {token: client_id}.")
         certificate, private_key = _read(certificate), _read(private_key)
@@ -189,6 +198,11 @@ class SplitServer:
         self.cut_specs: list[CutSpec] = [spec_of(t.name, t) for t in model.inputs]
         self.role = ServerRole(model, optimizer, loss, metrics, loss_weights)
         self.max_batch_size = max_batch_size
+        unknown = set(allowed_compression) - set(codecs.NAMES)
+        if unknown:
+            raise ValueError(f"Unknown codecs in `allowed_compression`: {sorted(unknown)}; "
+                             f"known: {list(codecs.NAMES)}.")
+        self.codecs = frozenset(allowed_compression) | {"none"}
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()
         self._model_lock = threading.Lock()

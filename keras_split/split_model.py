@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from keras_split import trainer
+from keras_split import codecs, trainer
 from keras_split.partition import CutSpec, build_halves, io_structure, spec_of
 from keras_split.roles import ClientRole, ServerRole
 from keras_split.transport import InProcessTransport, Transport
@@ -159,7 +159,8 @@ class SplitModel(trainer.LoopOwner):
     # -- training ------------------------------------------------------------
 
     def compile(self, optimizer="rmsprop", loss=None, metrics=None, loss_weights=None,
-                client_optimizer=None, server_optimizer=None, transport=None):
+                client_optimizer=None, server_optimizer=None, transport=None,
+                compression=None):
         """Configure both parties for training.
 
         Args:
@@ -169,11 +170,25 @@ class SplitModel(trainer.LoopOwner):
                 computes them.
             client_optimizer, server_optimizer: per-side optimizers.
             transport: a `Transport` to the server; by default an in-process one.
+            compression: codec for the cut tensors of the in-process transport
+                (None, "float16", "bfloat16", "int8", "topk", "topk:0.05", see
+                `keras_split.codecs`): the same encoding as on the network, to
+                measure its effect on accuracy and bytes.
         """
+        codec = codecs.get(compression)
         if loss is None:
             raise ValueError(
                 "`compile` needs a `loss`: the server computes it on its half's outputs, "
                 "e.g. loss='sparse_categorical_crossentropy'."
+            )
+        if transport is not None and not isinstance(transport, Transport):
+            raise TypeError(
+                f"`transport` must be a keras_split.Transport, received {type(transport).__name__}."
+            )
+        if transport is not None and compression is not None:
+            raise ValueError(
+                "`compression` applies to the default in-process transport; with your own "
+                "`transport`, give the codec to the transport instead."
             )
         if client_optimizer is not None and client_optimizer is server_optimizer:
             raise ValueError(
@@ -186,11 +201,7 @@ class SplitModel(trainer.LoopOwner):
             self.server_role = ServerRole(
                 self.server, server_optimizer or optimizer, loss, metrics, loss_weights
             )
-            transport = InProcessTransport(self.server_role)
-        elif not isinstance(transport, Transport):
-            raise TypeError(
-                f"`transport` must be a keras_split.Transport, received {type(transport).__name__}."
-            )
+            transport = InProcessTransport(self.server_role, compression=codec)
         self.transport = transport
 
     # -- weights and saving --------------------------------------------------

@@ -9,9 +9,11 @@ transport counts the payload bytes it carries in each direction.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from dataclasses import dataclass
 
-from keras_split.messages import Activations, Reply
+from keras_split import codecs
+from keras_split.messages import Activations, Reply, payload_bytes
 
 
 @dataclass
@@ -60,12 +62,29 @@ class InProcessTransport(Transport):
 
     The server receives the arrays of the message only: never the client's
     model, graph or inputs.
+
+    With a compression codec, the cut tensors go through the same encode and
+    decode as on the network, and the byte counters count the encoded payload:
+    a quick way to measure what a codec costs in accuracy and saves in bytes.
     """
 
-    def __init__(self, server):
+    def __init__(self, server, compression=None):
         super().__init__()
         self.server = server
+        self.codec = codecs.get(compression)
 
     def _exchange(self, message: Activations) -> tuple[Reply, int, int]:
+        if self.codec is codecs.NONE:
+            reply = self.server.handle(message)
+            return reply, message.nbytes, reply.nbytes
+        tensors, sent = self._squeeze(message.tensors)
+        message = dataclasses.replace(message, tensors=tensors)
         reply = self.server.handle(message)
-        return reply, message.nbytes, reply.nbytes
+        gradients, received = self._squeeze(reply.gradients)
+        sent += payload_bytes(message.labels, message.sample_weight)
+        received += payload_bytes(reply.outputs)
+        return dataclasses.replace(reply, gradients=gradients), sent, received
+
+    def _squeeze(self, arrays) -> tuple[tuple, int]:
+        pairs = [codecs.roundtrip(self.codec, a) for a in arrays]
+        return tuple(p[0] for p in pairs), sum(p[1] for p in pairs)

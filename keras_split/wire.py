@@ -4,7 +4,8 @@ A tensor is sent as its dtype name, shape and raw C-order little-endian bytes.
 Decoding checks everything before a single TensorFlow op can see the data:
 the dtype is one of a fixed numeric set, the shape is non-negative and within
 limits, the byte length equals the shape times the item size, the shape fits
-the negotiated cut spec, and floating-point values are finite. Anything else
+the negotiated cut spec, a compressed tensor uses the negotiated codec and its
+fields fit it (see `codecs`), and floating-point values are finite. Anything else
 raises `WireError`, which names the offending field.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from keras_split import codecs
 from keras_split.messages import MODES, Activations, Reply
 from keras_split.partition import CutSpec
 from keras_split.proto import split_pb2 as pb
@@ -32,19 +34,22 @@ class WireError(ValueError):
         self.field = field
 
 
-def encode(array, name: str = "") -> pb.Tensor:
+def encode(array, name: str = "", codec: codecs.Codec = codecs.NONE) -> pb.Tensor:
     array = np.asarray(array)
     dtype = array.dtype.name
     if dtype not in DTYPES:
         raise TypeError(f"Cannot send a {dtype} tensor; supported dtypes: {sorted(DTYPES)}.")
-    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
-    return pb.Tensor(name=name, dtype=dtype, shape=list(array.shape),
-                     data=np.ascontiguousarray(little).tobytes(), codec="none")
+    tensor = pb.Tensor(name=name, dtype=dtype, shape=list(array.shape))
+    codec.encode(array, tensor)
+    return tensor
 
 
-def decode(tensor: pb.Tensor, field: str, max_elements: int, finite: bool = True) -> np.ndarray:
-    if tensor.codec not in ("", "none"):
-        raise WireError(field, f"unknown codec {tensor.codec!r}; expected 'none'")
+def decode(tensor: pb.Tensor, field: str, max_elements: int, finite: bool = True,
+           codec: codecs.Codec = codecs.NONE) -> np.ndarray:
+    """Validate and decode one tensor; it may use `codec` or travel uncompressed."""
+    if tensor.codec not in ("", "none", codec.name):
+        raise WireError(field, f"codec {tensor.codec!r} was not negotiated; expected "
+                               f"{sorted({'none', codec.name})}")
     if tensor.dtype not in DTYPES:
         raise WireError(field, f"dtype {tensor.dtype!r} is not allowed; expected one of "
                                f"{sorted(DTYPES)}")
@@ -54,11 +59,13 @@ def decode(tensor: pb.Tensor, field: str, max_elements: int, finite: bool = True
     count = int(np.prod(shape, dtype=np.int64)) if shape else 1
     if count > max_elements:
         raise WireError(field, f"{count} elements exceed the limit of {max_elements}")
-    dtype = np.dtype(tensor.dtype).newbyteorder("<")
-    if len(tensor.data) != count * dtype.itemsize:
-        raise WireError(field, f"{len(tensor.data)} bytes of data, but shape {shape} of "
-                               f"{tensor.dtype} needs {count * dtype.itemsize}")
-    array = np.frombuffer(tensor.data, dtype=dtype).reshape(shape).astype(dtype.name)
+    if tensor.codec not in ("", "none") and tensor.dtype not in codecs.FLOAT_DTYPES:
+        raise WireError(field, f"codec {tensor.codec!r} applies to floating-point tensors, "
+                               f"not {tensor.dtype}")
+    try:
+        array = codecs.decoder(tensor.codec).decode(tensor, shape, np.dtype(tensor.dtype))
+    except codecs.CodecError as error:
+        raise WireError(field, str(error)) from None
     if finite and array.dtype.kind == "f" and not np.all(np.isfinite(array)):
         raise WireError(field, "contains NaN or Inf")
     return array
@@ -101,18 +108,20 @@ def _structure_to_pb(structure) -> tuple[list[pb.Tensor], bool]:
     return [encode(structure)], False
 
 
-def request_to_pb(session_id: str, message: Activations) -> pb.StepRequest:
+def request_to_pb(session_id: str, message: Activations,
+                  codec: codecs.Codec = codecs.NONE) -> pb.StepRequest:
     labels, labels_are_dict = _structure_to_pb(message.labels)
     weights = [] if message.sample_weight is None else [encode(message.sample_weight)]
     return pb.StepRequest(
         session_id=session_id, step=message.step, mode=message.mode,
-        activations=[encode(a) for a in message.tensors], labels=labels,
+        activations=[encode(a, codec=codec) for a in message.tensors], labels=labels,
         labels_are_dict=labels_are_dict, sample_weight=weights,
         reset_metrics=message.reset_metrics,
     )
 
 
-def request_from_pb(request: pb.StepRequest, specs, max_batch_size: int) -> Activations:
+def request_from_pb(request: pb.StepRequest, specs, max_batch_size: int,
+                    codec: codecs.Codec = codecs.NONE) -> Activations:
     """Decode and validate a step request against the session's cut specs."""
     if request.mode not in MODES:
         raise WireError("mode", f"{request.mode!r}, expected one of {MODES}")
@@ -124,7 +133,7 @@ def request_from_pb(request: pb.StepRequest, specs, max_batch_size: int) -> Acti
     tensors = []
     batch = None
     for i, (tensor, spec) in enumerate(zip(request.activations, specs, strict=True)):
-        array = decode(tensor, f"activations[{i}]", limit)
+        array = decode(tensor, f"activations[{i}]", limit, codec=codec)
         check_against_spec(array, spec, f"activations[{i}]", batch)
         batch = array.shape[0]
         if batch > max_batch_size:
@@ -156,16 +165,18 @@ def request_from_pb(request: pb.StepRequest, specs, max_batch_size: int) -> Acti
                        reset_metrics=request.reset_metrics)
 
 
-def reply_to_pb(reply: Reply) -> pb.StepReply:
+def reply_to_pb(reply: Reply, codec: codecs.Codec = codecs.NONE) -> pb.StepReply:
     outputs, outputs_are_dict = _structure_to_pb(reply.outputs)
-    return pb.StepReply(step=reply.step, gradients=[encode(g) for g in reply.gradients],
+    gradients = [encode(g, codec=codec) for g in reply.gradients]
+    return pb.StepReply(step=reply.step, gradients=gradients,
                         logs=reply.logs, outputs=outputs, outputs_are_dict=outputs_are_dict)
 
 
-def reply_from_pb(reply: pb.StepReply, max_elements: int) -> Reply:
+def reply_from_pb(reply: pb.StepReply, max_elements: int,
+                  codec: codecs.Codec = codecs.NONE) -> Reply:
     # Non-finite gradients pass: a diverging loss is the server's honest report,
     # and TerminateOnNaN on the client acts on it.
-    gradients = tuple(decode(t, f"gradients[{i}]", max_elements, finite=False)
+    gradients = tuple(decode(t, f"gradients[{i}]", max_elements, finite=False, codec=codec)
                       for i, t in enumerate(reply.gradients))
     outputs = None
     if reply.outputs:

@@ -79,6 +79,47 @@ def test_training_over_grpc_equals_in_process(ca, server_pair, rng):
     assert 0 < framing <= 10 * 128
 
 
+@pytest.mark.parametrize("compression", ["float16", "int8", "topk:0.3"])
+def test_compressed_training_over_grpc_equals_in_process(ca, server_pair, rng, compression):
+    model, cut = models.small_cnn()
+    twin, _ = models.small_cnn()
+    twin.set_weights(model.get_weights())
+    x, y = models.inputs_for(model, 48, rng), rng.integers(0, 3, 48)
+    local = keras_split.split(twin, cut)
+    local.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS, compression=compression)
+    want = local.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+    split = keras_split.split(model, cut)
+    server = _serve(split, server_pair)
+    try:
+        client = _client(split, server, ca)
+        client.compile(optimizer=keras.optimizers.SGD(0.1), compression=compression)
+        got = client.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+    finally:
+        server.stop()
+    for a, b in zip(model.get_weights(), twin.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    # Encoded payload plus framing (codec name, scale fields): under 160 bytes
+    # for each of the 6 requests and 6 replies.
+    for direction in ("bytes_up", "bytes_down"):
+        framing = got.history[direction][0] - want.history[direction][0]
+        assert 0 < framing <= 6 * 160, (direction, framing)
+
+
+def test_server_refuses_a_codec_it_does_not_allow(ca, server_pair):
+    model, cut = models.small_cnn()
+    split = keras_split.split(model, cut)
+    server = _serve(split, server_pair, allowed_compression=("float16",))
+    try:
+        with pytest.raises(keras_split.ServerError, match=r"compression 'int8' is not accepted; "
+                           r"this server accepts \['float16', 'none'\]"):
+            _client(split, server, ca).compile("sgd", compression="int8")
+        _client(split, server, ca).compile("sgd", compression="float16")
+    finally:
+        server.stop()
+    with pytest.raises(ValueError, match="Unknown codecs in `allowed_compression`: \\['lz4'\\]"):
+        _serve(split, server_pair, allowed_compression=("lz4",))
+
+
 def test_mutual_tls(ca, server_pair, rng):
     model, cut = models.small_cnn()
     split = keras_split.split(model, cut)
@@ -320,6 +361,38 @@ def test_fuzzed_messages_never_change_state_unless_valid(raw, activations, label
     except grpc.RpcError as error:
         assert error.code() in (grpc.StatusCode.INVALID_ARGUMENT,
                                 grpc.StatusCode.FAILED_PRECONDITION), error.details()
+        _assert_unchanged(before, split)
+
+
+_compressed = st.builds(
+    pb.Tensor,
+    dtype=st.sampled_from(["float32", "float16", "int32"]),
+    shape=st.sampled_from([[4, 3, 3, 4], [4, 3, 3], [2, 3, 3, 4], [4, 3, 3, 4, 1]]),
+    data=st.binary(max_size=300),
+    codec=st.sampled_from(["float16", "int8", "topk", "none"]),
+    scale_exponent=st.integers(-3000, 3000),
+    scale=st.floats(allow_nan=True, allow_infinity=True, width=32),
+    zero_point=st.integers(-1000, 1000),
+    indices=st.binary(max_size=200),
+)
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(tensor=_compressed, codec=st.sampled_from(["float16", "int8", "topk"]))
+def test_fuzzed_compressed_tensors_never_change_state(raw, tensor, codec):
+    split, _, call, _ = raw
+    open_request = pb.OpenRequest(protocol_version=wire.PROTOCOL_VERSION, codec=codec,
+                                  cut=[wire.spec_to_pb(s) for s in split.cut_specs])
+    session = call("Open", open_request).session_id
+    before = _weights(split)
+    request = _request(session, 1)
+    request.activations[0].CopyFrom(tensor)
+    try:
+        call("Step", request)
+    except grpc.RpcError as error:
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+        assert "activations[0]" in error.details()
         _assert_unchanged(before, split)
 
 
