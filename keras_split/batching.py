@@ -19,13 +19,25 @@ import tensorflow as tf
 
 @dataclass
 class Batches:
-    """A re-iterable source of `(x, y, sample_weight)` batches."""
+    """A re-iterable source of `(x, y, sample_weight)` batches.
+
+    With arrays, `rng` draws each epoch's shuffle; its state, taken before an
+    epoch, replays that epoch's order (for resuming from a checkpoint).
+    """
 
     make: Callable[[], Iterator[tuple]]
     steps: int | None
+    rng: np.random.Generator | None = None
 
     def __iter__(self):
         return self.make()
+
+    def get_state(self) -> dict | None:
+        return None if self.rng is None else self.rng.bit_generator.state
+
+    def set_state(self, state: dict | None) -> None:
+        if self.rng is not None and state is not None:
+            self.rng.bit_generator.state = state
 
 
 def _to_numpy(structure):
@@ -117,4 +129,4 @@ def make_batches(x, y=None, sample_weight=None, batch_size=None, shuffle=False,
 
             yield take(x), take(y), take(sample_weight)
 
-    return Batches(iterate_arrays, steps)
+    return Batches(iterate_arrays, steps, rng)

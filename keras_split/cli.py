@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 
@@ -38,21 +39,36 @@ def _certs(args) -> int:
     return 0
 
 
+class _Terminated(Exception):
+    """SIGTERM arrived: stop cleanly, as for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated
+
+
 def _serve(args) -> int:
+    import logging
+
     from keras_split.netdemo import make_server, read_tokens
 
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     server = make_server(
         args.model, args.loss, args.from_logits, args.optimizer, args.learning_rate,
         args.metrics, tokens=read_tokens(args.token_file), address=args.address,
         certificate=args.cert, private_key=args.key, client_ca=args.client_ca,
         insecure=args.insecure, max_batch_size=args.max_batch_size,
+        checkpoint_dir=args.checkpoint_dir,
     ).start()
     print(f"serving {args.model} on {server.address} "
-          f"({'INSECURE, no TLS' if args.insecure else 'TLS'}); Ctrl-C to stop")
+          f"({'INSECURE, no TLS' if args.insecure else 'TLS'}); Ctrl-C to stop", flush=True)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         server.wait()
-    except KeyboardInterrupt:
-        server.stop(grace=2)
+    except (KeyboardInterrupt, _Terminated):
+        server.stop(grace=5)
+        if server.checkpoint_path is not None:
+            print(f"stopped; checkpoint written to {server.checkpoint_path}", flush=True)
     return 0
 
 
@@ -61,7 +77,8 @@ def _client(args) -> int:
 
     train_client(args.model, args.server, args.token, args.epochs, args.batch_size,
                  args.learning_rate, root_certificates=args.ca, certificate=args.cert,
-                 private_key=args.key, insecure=args.insecure)
+                 private_key=args.key, insecure=args.insecure, compression=args.compression,
+                 checkpoint_dir=args.checkpoint_dir, seed=args.seed)
     return 0
 
 
@@ -95,6 +112,8 @@ def _network_commands(commands) -> None:
                        help="file of 'TOKEN CLIENT_ID' lines: the clients allowed in")
     serve.add_argument("--max-batch-size", type=int, default=1024,
                        help="largest batch accepted; sets the message size limit")
+    serve.add_argument("--checkpoint-dir",
+                       help="checkpoint after every step here, and resume from it on start")
     serve.set_defaults(run=_serve)
 
     client = commands.add_parser(
@@ -109,6 +128,12 @@ def _network_commands(commands) -> None:
     client.add_argument("--epochs", type=int, default=5)
     client.add_argument("--batch-size", type=int, default=64)
     client.add_argument("--learning-rate", type=float, default=1e-3)
+    client.add_argument("--compression", default=None,
+                        help="codec for cut tensors: float16, bfloat16, int8, topk, topk:0.05")
+    client.add_argument("--checkpoint-dir",
+                        help="checkpoint after every step here; rerun the same command to "
+                             "resume after a crash or SIGTERM")
+    client.add_argument("--seed", type=int, default=0, help="seed of the shuffle (default 0)")
     client.set_defaults(run=_client)
 
 

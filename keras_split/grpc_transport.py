@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+import logging
 import random
 import time
+from pathlib import Path
 
 import grpc
 import keras
 
-from keras_split import codecs, trainer, wire
+from keras_split import checkpoint, codecs, trainer, wire
 from keras_split.messages import Activations, Reply
 from keras_split.partition import CutSpec, spec_of
 from keras_split.proto import split_pb2 as pb
@@ -16,6 +19,8 @@ from keras_split.proto import split_pb2_grpc as pb_grpc
 from keras_split.roles import ClientRole
 from keras_split.server import _read, message_limit
 from keras_split.transport import Transport
+
+logger = logging.getLogger("keras_split.client")
 
 
 class ServerError(RuntimeError):
@@ -55,16 +60,19 @@ class GrpcTransport(Transport):
             "bfloat16", "int8", "topk", "topk:FRACTION" or a `codecs.Codec`.
             Agreed with the server when the session opens.
         timeout: deadline of each call, seconds.
-        retries: attempts after the first for UNAVAILABLE, with jittered
-            exponential backoff from `backoff` seconds, capped at `max_backoff`.
+        retry_for: how long to keep retrying a call that fails with UNAVAILABLE
+            (the server restarting, a network blip), seconds; 0 never retries.
+            Waits between attempts grow exponentially from `backoff` seconds
+            up to `max_backoff`, with random jitter so that many clients do
+            not return at the same instant.
 
     Byte counters count the serialized request and reply messages: what is sent.
     """
 
     def __init__(self, address: str, token: str, root_certificates=None, certificate=None,
                  private_key=None, insecure: bool = False, compression=None,
-                 timeout: float = 30.0,
-                 retries: int = 5, backoff: float = 0.1, max_backoff: float = 5.0):
+                 timeout: float = 30.0, retry_for: float = 60.0, backoff: float = 0.1,
+                 max_backoff: float = 2.0):
         super().__init__()
         self.address = address
         self.codec = codecs.get(compression)
@@ -73,7 +81,7 @@ class GrpcTransport(Transport):
         self._credentials = None if insecure else grpc.ssl_channel_credentials(
             root_certificates=_read(root_certificates), private_key=_read(private_key),
             certificate_chain=_read(certificate))
-        self.timeout, self.retries = timeout, retries
+        self.timeout, self.retry_for = timeout, retry_for
         self.backoff, self.max_backoff = backoff, max_backoff
         self._channel = None
         self._stub = None
@@ -81,12 +89,22 @@ class GrpcTransport(Transport):
         self._specs: list[CutSpec] = []
         self._max_elements = 0
 
-    def open(self, specs) -> None:
-        """Connect and agree on the protocol version and the cut."""
+    def open(self, specs, resume: tuple[str, int] | None = None) -> int:
+        """Connect and agree on the protocol version, the cut and the codec.
+
+        `resume=(session_id, step)` reopens a session after this client
+        restarted from a checkpoint taken at `step`. Returns the last step the
+        server holds for the session (0 for a new one).
+        """
         self._specs = list(specs)
         limit = message_limit(self._specs, 1 << 16)
         options = [("grpc.max_receive_message_length", limit),
-                   ("grpc.max_send_message_length", limit)]
+                   ("grpc.max_send_message_length", limit),
+                   # gRPC's own reconnect backoff grows to two minutes by
+                   # default; a restarted server should be found within seconds.
+                   ("grpc.initial_reconnect_backoff_ms", 100),
+                   ("grpc.min_reconnect_backoff_ms", 100),
+                   ("grpc.max_reconnect_backoff_ms", int(self.max_backoff * 1000))]
         if self._insecure:
             self._channel = grpc.insecure_channel(self.address, options=options)
         else:
@@ -94,14 +112,18 @@ class GrpcTransport(Transport):
         self._stub = pb_grpc.SplitLearningStub(self._channel)
         request = pb.OpenRequest(protocol_version=wire.PROTOCOL_VERSION, codec=self.codec.spec,
                                  cut=[wire.spec_to_pb(s) for s in self._specs])
+        if resume is not None:
+            request.resume_session, request.client_step = resume
         reply = self._call(self._stub.Open, request)
         self.session_id = reply.session_id
         per_sample = max(1, max(s.bytes_per_sample or 1 for s in self._specs))
         self._max_elements = reply.max_batch_size * per_sample
+        return reply.last_step
 
     def _call(self, method, request):
         delay = self.backoff
-        for attempt in range(self.retries + 1):
+        give_up = time.monotonic() + self.retry_for
+        for attempt in itertools.count():
             try:
                 return method(request, metadata=self._metadata, timeout=self.timeout)
             except grpc.RpcError as error:
@@ -116,15 +138,15 @@ class GrpcTransport(Transport):
                         "root_certificates is the CA that signed the server's certificate, "
                         "and the client certificate if the server requires one."
                     ) from None
-                if code != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
+                if code != grpc.StatusCode.UNAVAILABLE or time.monotonic() >= give_up:
                     raise ConnectionError(
                         f"Call to the split server at {self.address} failed: {code.name} "
-                        f"({error.details()}) after {attempt + 1} attempt(s)."
+                        f"({error.details()}) after {attempt + 1} attempt(s) in "
+                        f"{self.retry_for:g} s of retrying."
                     ) from None
                 # Jitter spreads the retries of many clients after a restart.
                 time.sleep(random.uniform(0, delay))  # noqa: S311 - not cryptographic
                 delay = min(delay * 2, self.max_backoff)
-        raise AssertionError("unreachable")  # pragma: no cover  # noqa: S101
 
     def _exchange(self, message: Activations) -> tuple[Reply, int, int]:
         if self.session_id is None:
@@ -149,15 +171,27 @@ class SplitClient(trainer.LoopOwner):
         model: the client half (`split.client`).
         server: the server's "host:port".
         token: this client's bearer token.
+        checkpoint_dir: a folder for `client.npz`, rewritten after every
+            training step: weights, optimizer state, step counter, session and
+            the position in the data. A client compiled on a folder that holds
+            a checkpoint restores it and rejoins its session; calling `fit`
+            with the same data and arguments then carries on from the next
+            batch, in the same shuffled order. Delete the folder to start over.
         root_certificates, certificate, private_key, insecure, compression,
-            timeout, retries: as in `GrpcTransport`.
+            timeout, retry_for: as in `GrpcTransport`.
     """
 
-    def __init__(self, model: keras.Model, server: str, token: str, **transport_options):
+    def __init__(self, model: keras.Model, server: str, token: str, checkpoint_dir=None,
+                 **transport_options):
         super().__init__()
         self.client = model
         self.cut_specs = tuple(spec_of(f"cut_{i}", t) for i, t in enumerate(model.outputs))
         self._transport_options = dict(server=server, token=token, **transport_options)
+        self.checkpoint_path = None
+        if checkpoint_dir is not None:
+            Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+            self.checkpoint_path = Path(checkpoint_dir) / "client.npz"
+        self._position = None
 
     @property
     def layers(self):
@@ -167,16 +201,82 @@ class SplitClient(trainer.LoopOwner):
         """Set the client's optimizer and open the session with the server.
 
         `compression` chooses the codec of the cut tensors (see `GrpcTransport`);
-        it overrides one given to the constructor.
+        it overrides one given to the constructor. With a checkpoint in
+        `checkpoint_dir`, the weights, optimizer state and session are restored
+        from it first.
         """
         options = dict(self._transport_options)
         if compression is not None:
             options["compression"] = compression
         transport = GrpcTransport(options.pop("server"), options.pop("token"), **options)
-        transport.open(self.cut_specs)
-        self.client_role = ClientRole(self.client, optimizer)
-        self.client_role.build()
-        self.transport = transport
+        role = ClientRole(self.client, optimizer)
+        role.build()
+        resume = None
+        if self.checkpoint_path is not None and self.checkpoint_path.exists():
+            header = self._restore(role, transport.codec)
+            resume = (header["session_id"], header["step"])
+        last_step = transport.open(self.cut_specs, resume)
+        self.client_role, self.transport = role, transport
+        if resume is not None:
+            # The server lined its session up with our step, or is one training
+            # step ahead: we resend that step (same batch) and get its cached reply.
+            if last_step not in (resume[1], resume[1] + 1):
+                raise ServerError(f"The server resumed the session at step {last_step}, "
+                                  f"this client's checkpoint is at step {resume[1]}.")
+            self._step = resume[1]
+        else:
+            self._step = 0
+            self._position = None
+            self._save()
+
+    def _restore(self, role: ClientRole, codec) -> dict:
+        path = self.checkpoint_path
+        header, arrays = checkpoint.read(path)
+        cut = [[s.dtype, list(s.shape)] for s in self.cut_specs]
+        if header.get("party") != "client" or header.get("cut") != cut:
+            raise checkpoint.CheckpointError(
+                f"{path} was not written by a client with this cut ({cut}); use another "
+                "checkpoint directory.")
+        if header["codec"] != codec.spec:
+            raise ValueError(
+                f"{path} belongs to a session with compression {header['codec']!r}; compile "
+                f"with the same compression (received {codec.spec!r}) or start over in a new "
+                "checkpoint directory.")
+        role.restore(arrays, path)
+        self._position = header.get("position")
+        return header
+
+    def _save(self) -> None:
+        if self.checkpoint_path is None:
+            return
+        header = {"party": "client", "cut": [[s.dtype, list(s.shape)] for s in self.cut_specs],
+                  "step": self._step, "session_id": self.transport.session_id,
+                  "codec": self.transport.codec.spec, "position": self._position}
+        checkpoint.write(self.checkpoint_path, header, self.client_role.state())
+
+    def _resume_position(self, fingerprint):
+        position, self._position = self._position, None
+        if position is None:
+            return None
+        if position["fingerprint"] != fingerprint:
+            raise ValueError(
+                f"This client's checkpoint ({self.checkpoint_path}) stopped in a fit with "
+                f"{position['fingerprint']}, but this fit has {fingerprint}. Call fit with "
+                "the same data and arguments to resume, or start over in a new checkpoint "
+                "directory."
+            )
+        logger.info("Resuming fit at epoch %d, batch %d from %s.", position["epoch"] + 1,
+                    position["batch"] + 1, self.checkpoint_path)
+        return position
+
+    def _after_train_step(self, position):
+        self._position = position
+        self._save()
+
+    def _after_fit(self, finished):
+        if finished:
+            self._position = None
+        self._save()
 
     def get_weights(self):
         return self.client.get_weights()

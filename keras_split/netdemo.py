@@ -12,6 +12,8 @@ Two terminals on one machine (see the README):
 
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
 
 import keras
@@ -74,13 +76,29 @@ def make_server(model_path, loss, from_logits, optimizer, learning_rate, metrics
 
 
 def train_client(model_path, server, token, epochs, batch_size, learning_rate, print_fn=print,
-                 **options):
+                 compression=None, checkpoint_dir=None, seed=0, **options):
+    """Train the client half on the shipped data; resumable with `checkpoint_dir`.
+
+    SIGTERM stops after the current step with the checkpoint written; running
+    the same call again carries on from there.
+    """
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = load_pneumoniamnist_balanced()
+    keras.utils.set_random_seed(seed)
     client = SplitClient(keras.models.load_model(model_path), server=server, token=token,
-                         **options)
-    client.compile(optimizer=keras.optimizers.Adam(learning_rate))
-    client.fit(x_train, y_train, batch_size=batch_size, epochs=epochs,
-               validation_data=(x_val, y_val))
+                         checkpoint_dir=checkpoint_dir, **options)
+    client.compile(optimizer=keras.optimizers.Adam(learning_rate), compression=compression)
+    handle_sigterm = threading.current_thread() is threading.main_thread()
+    if handle_sigterm:
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: client.interrupt())
+    try:
+        client.fit(x_train, y_train, batch_size=batch_size, epochs=epochs,
+                   validation_data=(x_val, y_val), seed=seed)
+    finally:
+        if handle_sigterm:
+            signal.signal(signal.SIGTERM, previous)
+    if client.interrupted:
+        print_fn(f"interrupted; run the same command to resume from {client.checkpoint_path}")
+        return None
     logs = client.evaluate(x_test, y_test, verbose=0, return_dict=True)
     print_fn(f"test: {', '.join(f'{k} {v:.4f}' for k, v in logs.items())} "
              "(balanced PneumoniaMNIST subset)")

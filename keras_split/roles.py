@@ -18,6 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_split import checkpoint
 from keras_split.messages import Activations, Reply
 
 
@@ -110,6 +111,17 @@ class ClientRole:
     def build(self) -> None:
         if self.optimizer is not None and not self.optimizer.built:
             self.optimizer.build(self.model.trainable_variables)
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Values of every variable this party owns: weights, seeds, optimizer state."""
+        self.build()
+        return {**checkpoint.values_of("model", self.model.variables),
+                **checkpoint.values_of("optimizer", self.optimizer.variables)}
+
+    def restore(self, arrays: dict[str, np.ndarray], path) -> None:
+        self.build()
+        checkpoint.assign("model", self.model.variables, arrays, path)
+        checkpoint.assign("optimizer", self.optimizer.variables, arrays, path)
 
     def step(self, x, send: Callable) -> tuple[Reply, float]:
         """One compiled training step; `send(activations) -> Reply` runs at the cut.
@@ -213,6 +225,7 @@ class ServerRole:
             reduce_retracing=True,
         )
         self._built = False
+        self._pending_metrics = None
 
     @property
     def optimizer(self):
@@ -262,6 +275,32 @@ class ServerRole:
         self.model.optimizer.build(self.model.trainable_variables)
         self.reset_metrics()
         self._built = True
+        if self._pending_metrics is not None:
+            checkpoint.assign("metrics", self._metric_variables(), *self._pending_metrics)
+            self._pending_metrics = None
+
+    def _metric_variables(self) -> list:
+        return list(self.loss_tracker.variables) + [
+            v for metric in self.model.metrics for v in metric.variables
+        ]
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Values of every variable this party owns: weights, seeds, optimizer and
+        (once built) the running metrics of the current epoch."""
+        self.model.optimizer.build(self.model.trainable_variables)
+        arrays = {**checkpoint.values_of("model", self.model.variables),
+                  **checkpoint.values_of("optimizer", self.model.optimizer.variables)}
+        if self._built:
+            arrays.update(checkpoint.values_of("metrics", self._metric_variables()))
+        return arrays
+
+    def restore(self, arrays: dict[str, np.ndarray], path) -> None:
+        self.model.optimizer.build(self.model.trainable_variables)
+        checkpoint.assign("model", self.model.variables, arrays, path)
+        checkpoint.assign("optimizer", self.model.optimizer.variables, arrays, path)
+        # Metric variables exist once the first labelled batch has built them.
+        if any(k.startswith("metrics/") for k in arrays):
+            self._pending_metrics = (arrays, path)
 
     def reset_metrics(self) -> None:
         self.loss_tracker.reset_state()

@@ -26,11 +26,13 @@ import secrets
 import threading
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
+import numpy as np
 import tensorflow as tf
 
-from keras_split import codecs, wire
+from keras_split import checkpoint, codecs, wire
 from keras_split.partition import CutSpec, spec_of
 from keras_split.proto import split_pb2 as pb
 from keras_split.proto import split_pb2_grpc as pb_grpc
@@ -86,11 +88,35 @@ class _Session:
     client_id: str
     codec: codecs.Codec = codecs.NONE
     last_step: int = 0
+    last_train_step: int = 0  # the last step that changed weights
     cached: pb.StepReply | None = None
     lock: threading.Lock = None
 
     def __post_init__(self):
         self.lock = threading.Lock()
+
+    def header(self) -> dict:
+        return {"client_id": self.client_id, "codec": self.codec.spec,
+                "last_step": self.last_step, "last_train_step": self.last_train_step}
+
+    def resume_at(self, client_step: int) -> str | None:
+        """Line this session up with a client that restarted from its checkpoint.
+
+        The client checkpoints after applying each training step. It may be
+        one training step behind (it crashed before saving the reply's
+        result): it resends that step and gets the cached reply. Steps after
+        its checkpoint that changed no weights (evaluation, prediction) are
+        simply forgotten. Anything else cannot be reconciled; returns why.
+        """
+        if self.last_train_step <= client_step <= self.last_step:
+            if client_step != self.last_step:
+                self.last_step, self.cached = client_step, None
+            return None
+        if client_step + 1 == self.last_train_step == self.last_step and self.cached:
+            return None
+        return (f"the server applied training step {self.last_train_step} (last step "
+                f"{self.last_step}) but the client's checkpoint is at step {client_step}; "
+                "the two checkpoints do not belong together")
 
 
 class _Servicer(pb_grpc.SplitLearningServicer):
@@ -117,11 +143,37 @@ class _Servicer(pb_grpc.SplitLearningServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"cut mismatch: the client sends {theirs}, the server's half takes "
                           f"{mine}")
+        if request.resume_session:
+            return self._resume(request, codec, client_id, context)
         session_id = secrets.token_hex(16)
         with self.server._lock:
             self.server._sessions[session_id] = _Session(client_id=client_id, codec=codec)
         return pb.OpenReply(session_id=session_id, protocol_version=wire.PROTOCOL_VERSION,
                             last_step=0, max_batch_size=self.server.max_batch_size)
+
+    def _resume(self, request, codec, client_id, context):
+        with self.server._lock:
+            session = self.server._sessions.get(request.resume_session)
+        if session is None:
+            context.abort(grpc.StatusCode.NOT_FOUND,
+                          "no such session to resume (was the server restarted without its "
+                          "checkpoint directory?)")
+        if session.client_id != client_id:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          "this session belongs to another client")
+        if session.codec != codec:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"the session was opened with compression {session.codec.spec!r}, "
+                          f"not {codec.spec!r}")
+        with session.lock, self.server._model_lock:
+            problem = session.resume_at(request.client_step)
+            if problem:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot resume: {problem}")
+            self.server._save()
+        return pb.OpenReply(session_id=request.resume_session,
+                            protocol_version=wire.PROTOCOL_VERSION,
+                            last_step=session.last_step,
+                            max_batch_size=self.server.max_batch_size)
 
     def Step(self, request, context):  # noqa: N802 - gRPC method name
         client_id = self.server._interceptor.identify(context.invocation_metadata())
@@ -152,8 +204,13 @@ class _Servicer(pb_grpc.SplitLearningServicer):
                     # classes, say) fails in the loss, before any update.
                     text = getattr(error, "message", None) or str(error)
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, text.splitlines()[0])
-            encoded = wire.reply_to_pb(reply, session.codec)
-            session.last_step, session.cached = request.step, encoded
+                encoded = wire.reply_to_pb(reply, session.codec)
+                session.last_step, session.cached = request.step, encoded
+                if message.mode == "train":
+                    session.last_train_step = request.step
+                # Saved before the reply leaves: a client that got a reply can
+                # always find its step applied after a crash.
+                self.server._save()
             return encoded
 
 
@@ -169,6 +226,11 @@ class SplitServer:
         client_ca: PEM of the CA that signs client certificates (mutual TLS).
         insecure: serve without TLS (logs a warning). Only for loopback tests.
         max_batch_size: the largest batch a client may send; sets the message limit.
+        checkpoint_dir: a folder for `server.npz`, rewritten after every step
+            (before its reply is sent) and on `stop()`: weights, optimizer and
+            metric state, and every session with its last step and reply. A
+            server started on a folder that holds a checkpoint resumes from it,
+            and its clients carry on where they were.
         allowed_compression: names of the codecs clients may choose (see
             `keras_split.codecs`); all of them by default. "none" is always allowed.
 
@@ -186,7 +248,7 @@ class SplitServer:
                  tokens: dict[str, str], address: str = "127.0.0.1:0", certificate=None,
                  private_key=None, client_ca=None, insecure: bool = False,
                  max_batch_size: int = 1024, max_workers: int = 4,
-                 allowed_compression=codecs.NAMES):
+                 allowed_compression=codecs.NAMES, checkpoint_dir=None):
         if not tokens:
             raise ValueError("`tokens` must name at least one client: {token: client_id}.")
         certificate, private_key = _read(certificate), _read(private_key)
@@ -207,6 +269,12 @@ class SplitServer:
         self._lock = threading.Lock()
         self._model_lock = threading.Lock()
         self._interceptor = _TokenInterceptor(dict(tokens))
+        self.checkpoint_path = None
+        if checkpoint_dir is not None:
+            Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+            self.checkpoint_path = Path(checkpoint_dir) / "server.npz"
+            if self.checkpoint_path.exists():
+                self._restore()
         limit = message_limit(self.cut_specs, max_batch_size)
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
@@ -234,7 +302,41 @@ class SplitServer:
         return self
 
     def stop(self, grace: float | None = None) -> None:
-        self._grpc.stop(grace)
+        """Stop serving; steps in flight get `grace` seconds to finish. Then,
+        with a checkpoint directory, write a final checkpoint."""
+        self._grpc.stop(grace).wait()
+        with self._model_lock:
+            self._save()
+
+    def _save(self) -> None:
+        if self.checkpoint_path is None:
+            return
+        with self._lock:
+            sessions = dict(self._sessions)
+        replies = {f"reply/{sid}": np.frombuffer(s.cached.SerializeToString(), np.uint8)
+                   for sid, s in sessions.items() if s.cached is not None}
+        header = {"party": "server", "cut": [[s.dtype, list(s.shape)] for s in self.cut_specs],
+                  "sessions": {sid: s.header() for sid, s in sessions.items()}}
+        checkpoint.write(self.checkpoint_path, header, {**self.role.state(), **replies})
+
+    def _restore(self) -> None:
+        path = self.checkpoint_path
+        header, arrays = checkpoint.read(path)
+        cut = [[s.dtype, list(s.shape)] for s in self.cut_specs]
+        if header.get("party") != "server" or header.get("cut") != cut:
+            raise checkpoint.CheckpointError(
+                f"{path} was not written by a server with this cut ({cut}); use another "
+                "checkpoint directory.")
+        self.role.restore({k: v for k, v in arrays.items() if not k.startswith("reply/")}, path)
+        for sid, fields in header["sessions"].items():
+            session = _Session(client_id=fields["client_id"], codec=codecs.get(fields["codec"]),
+                               last_step=fields["last_step"],
+                               last_train_step=fields["last_train_step"])
+            if f"reply/{sid}" in arrays:
+                # Our own reply, serialized by this server: a protobuf, not a pickle.
+                session.cached = pb.StepReply.FromString(arrays[f"reply/{sid}"].tobytes())
+            self._sessions[sid] = session
+        logger.info("Resumed from %s: %d session(s).", path, len(self._sessions))
 
     def wait(self) -> None:
         self._grpc.wait_for_termination()

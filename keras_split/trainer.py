@@ -113,17 +113,28 @@ def fit(owner, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callba
         x, y, sample_weight, validation_data = _hold_out(x, y, sample_weight, validation_split)
     batches = make_batches(x, y, sample_weight, batch_size, shuffle=shuffle, seed=seed)
     validation = _validation_batches(validation_data, batch_size)
+    # What a resumed fit must agree on with the fit that wrote the checkpoint.
+    fingerprint = {"steps": batches.steps, "batch_size": batch_size, "epochs": epochs,
+                   "shuffle": bool(shuffle), "initial_epoch": initial_epoch}
+    first_epoch, skip = initial_epoch, 0
+    position = owner._resume_position(fingerprint)
+    if position is not None:
+        first_epoch, skip = position["epoch"], position["batch"]
+        batches.set_state(position["rng"])
     callback_list = _callbacks(owner, callbacks, verbose, epochs, batches.steps)
-    owner.stop_training = False
+    owner.stop_training = owner._interrupted = False
     transport = owner.transport
     callback_list.on_train_begin()
     logs = {}
-    for epoch in range(initial_epoch, epochs):
+    for epoch in range(first_epoch, epochs):
         callback_list.on_epoch_begin(epoch)
         up0, down0 = transport.bytes.snapshot()
         logs = {}
         client_loss = ClientLoss()
+        rng_state = batches.get_state()  # before the epoch draws its order
         for index, (bx, by, bw) in enumerate(batches):
+            if index < skip:
+                continue  # done before the checkpoint this fit resumed from
             if by is None:
                 raise ValueError(
                     "`fit` needs labels: pass `y`, or a dataset that yields (x, y)."
@@ -133,11 +144,14 @@ def fit(owner, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callba
                 owner.client_role, transport, owner.next_step(), bx, by, bw,
                 reset_metrics=index == 0,
             )
+            owner._after_train_step({"epoch": epoch, "batch": index + 1, "rng": rng_state,
+                                     "fingerprint": fingerprint})
             client_loss.add(regularization, bx)
             logs = client_loss.into(dict(reply.logs))
             callback_list.on_train_batch_end(index, logs)
             if owner.stop_training:
                 break
+        skip = 0
         up1, down1 = transport.bytes.snapshot()
         logs = {**logs, "bytes_up": up1 - up0, "bytes_down": down1 - down0}
         if validation is not None and (epoch + 1) % validation_freq == 0:
@@ -147,6 +161,7 @@ def fit(owner, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callba
         if owner.stop_training:
             break
     callback_list.on_train_end(logs)
+    owner._after_fit(finished=not owner._interrupted)
     return owner.history
 
 
@@ -220,6 +235,7 @@ class LoopOwner:
         self.client_role = None
         self.transport = None
         self._step = 0
+        self._interrupted = False
 
     @property
     def optimizer(self):
@@ -236,6 +252,29 @@ class LoopOwner:
     def next_step(self) -> int:
         self._step += 1
         return self._step
+
+    @property
+    def interrupted(self) -> bool:
+        """True when the last `fit` stopped at `interrupt()`, resumable."""
+        return self._interrupted
+
+    def interrupt(self) -> None:
+        """Stop `fit` after the current step, keeping its place for a resume
+        (e.g. from a SIGTERM handler). EarlyStopping-style `stop_training`
+        ends the fit for good instead."""
+        self.stop_training = self._interrupted = True
+
+    # Hooks for parties that checkpoint (see `SplitClient`); no-ops here.
+
+    def _resume_position(self, fingerprint: dict) -> dict | None:
+        """Where an interrupted fit with these arguments left off, if anywhere."""
+        return None
+
+    def _after_train_step(self, position: dict) -> None:
+        """Called once a training step is fully applied; `position` is the next batch."""
+
+    def _after_fit(self, finished: bool) -> None:
+        """Called when `fit` returns; `finished` is False after `interrupt()`."""
 
     def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None,
             validation_split=0.0, validation_data=None, shuffle=True, initial_epoch=0,

@@ -127,7 +127,7 @@ def test_mutual_tls(ca, server_pair, rng):
     x, y = models.inputs_for(model, 8, rng), rng.integers(0, 3, 8)
     try:
         with pytest.raises(ConnectionError):
-            _client(split, server, ca, retries=0).compile("sgd")
+            _client(split, server, ca, retry_for=0).compile("sgd")
         client_pair = ca.issue("hospital-a")
         client = _client(split, server, ca, certificate=client_pair.certificate,
                          private_key=client_pair.private_key)
@@ -136,7 +136,7 @@ def test_mutual_tls(ca, server_pair, rng):
         rogue = certs.Authority("rogue").issue("hospital-a")
         with pytest.raises(ConnectionError):
             _client(split, server, ca, certificate=rogue.certificate,
-                    private_key=rogue.private_key, retries=0).compile("sgd")
+                    private_key=rogue.private_key, retry_for=0).compile("sgd")
     finally:
         server.stop()
 
