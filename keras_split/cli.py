@@ -55,7 +55,8 @@ def _serve(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     server = make_server(
         args.model, args.loss, args.from_logits, args.optimizer, args.learning_rate,
-        args.metrics, tokens=read_tokens(args.token_file), address=args.address,
+        args.metrics, tokens=read_tokens(args.token_file) if args.token_file else None,
+        address=args.address,
         certificate=args.cert, private_key=args.key, client_ca=args.client_ca,
         insecure=args.insecure, max_batch_size=args.max_batch_size,
         checkpoint_dir=args.checkpoint_dir,
@@ -108,8 +109,9 @@ def _network_commands(commands) -> None:
     serve.add_argument("--client-ca", help="CA of client certificates: require mutual TLS")
     serve.add_argument("--insecure", action="store_true",
                        help="serve without TLS (logs a warning; loopback testing only)")
-    serve.add_argument("--token-file", required=True,
-                       help="file of 'TOKEN CLIENT_ID' lines: the clients allowed in")
+    serve.add_argument("--token-file",
+                       help="file of 'TOKEN CLIENT_ID' lines: the clients allowed in (optional "
+                            "with --client-ca: certificates then name the clients)")
     serve.add_argument("--max-batch-size", type=int, default=1024,
                        help="largest batch accepted; sets the message size limit")
     serve.add_argument("--checkpoint-dir",
@@ -120,7 +122,7 @@ def _network_commands(commands) -> None:
         "client", help="train a client half on the shipped chest X-rays against a server")
     client.add_argument("--model", required=True, help="the client half, a .keras file")
     client.add_argument("--server", required=True, help="the server's HOST:PORT")
-    client.add_argument("--token", required=True, help="this client's token")
+    client.add_argument("--token", help="this client's token (optional with mutual TLS)")
     client.add_argument("--ca", help="CA that signed the server's certificate (PEM)")
     client.add_argument("--cert", help="client certificate, for mutual TLS")
     client.add_argument("--key", help="client private key, for mutual TLS")

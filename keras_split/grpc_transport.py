@@ -50,7 +50,7 @@ class GrpcTransport(Transport):
 
     Args:
         address: the server's "host:port".
-        token: this client's bearer token.
+        token: this client's bearer token; None with mutual TLS alone.
         root_certificates: PEM (bytes or path) of the CA that signed the server's
             certificate; None uses the system's roots.
         certificate, private_key: this client's PEM certificate and key, for
@@ -69,14 +69,14 @@ class GrpcTransport(Transport):
     Byte counters count the serialized request and reply messages: what is sent.
     """
 
-    def __init__(self, address: str, token: str, root_certificates=None, certificate=None,
+    def __init__(self, address: str, token: str | None, root_certificates=None, certificate=None,
                  private_key=None, insecure: bool = False, compression=None,
                  timeout: float = 30.0, retry_for: float = 60.0, backoff: float = 0.1,
                  max_backoff: float = 2.0):
         super().__init__()
         self.address = address
         self.codec = codecs.get(compression)
-        self._metadata = (("authorization", f"Bearer {token}"),)
+        self._metadata = () if token is None else (("authorization", f"Bearer {token}"),)
         self._insecure = insecure
         self._credentials = None if insecure else grpc.ssl_channel_credentials(
             root_certificates=_read(root_certificates), private_key=_read(private_key),
@@ -170,7 +170,8 @@ class SplitClient(trainer.LoopOwner):
     Args:
         model: the client half (`split.client`).
         server: the server's "host:port".
-        token: this client's bearer token.
+        token: this client's bearer token; None when the server identifies
+            clients by their certificates (mutual TLS).
         checkpoint_dir: a folder for `client.npz`, rewritten after every
             training step: weights, optimizer state, step counter, session and
             the position in the data. A client compiled on a folder that holds
@@ -181,7 +182,8 @@ class SplitClient(trainer.LoopOwner):
             timeout, retry_for: as in `GrpcTransport`.
     """
 
-    def __init__(self, model: keras.Model, server: str, token: str, checkpoint_dir=None,
+    def __init__(self, model: keras.Model, server: str, token: str | None = None,
+                 checkpoint_dir=None,
                  **transport_options):
         super().__init__()
         self.client = model

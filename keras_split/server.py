@@ -60,22 +60,37 @@ def message_limit(specs, max_batch_size: int) -> int:
 
 
 class _TokenInterceptor(grpc.ServerInterceptor):
-    """Refuses calls without a known bearer token before any handler work."""
+    """Refuses calls without a known bearer token before any handler work.
 
-    def __init__(self, tokens: dict[str, str]):
+    With mutual TLS, the handshake has already refused clients without a
+    certificate from the client CA, so a call may come without a token; a token
+    that is presented must still be a known one.
+    """
+
+    def __init__(self, tokens: dict[str, str], certificates_suffice: bool):
         self._tokens = tokens
+        self._certificates_suffice = certificates_suffice
+
+    def presented(self, metadata) -> str | None:
+        for key, value in metadata or ():
+            if key == "authorization":
+                return value
+        return None
 
     def identify(self, metadata) -> str | None:
-        for key, value in metadata or ():
-            if key == "authorization" and value.startswith("Bearer "):
-                presented = value[len("Bearer "):].encode()
-                for token, client_id in self._tokens.items():
-                    if hmac.compare_digest(presented, token.encode()):
-                        return client_id
+        value = self.presented(metadata)
+        if value is not None and value.startswith("Bearer "):
+            presented = value[len("Bearer "):].encode()
+            for token, client_id in self._tokens.items():
+                if hmac.compare_digest(presented, token.encode()):
+                    return client_id
         return None
 
     def intercept_service(self, continuation, handler_call_details):
-        if self.identify(handler_call_details.invocation_metadata) is None:
+        metadata = handler_call_details.invocation_metadata
+        allowed = (self.identify(metadata) is not None
+                   or (self._certificates_suffice and self.presented(metadata) is None))
+        if not allowed:
             def refuse(request, context):
                 context.abort(grpc.StatusCode.UNAUTHENTICATED,
                               "missing or unknown bearer token")
@@ -124,7 +139,7 @@ class _Servicer(pb_grpc.SplitLearningServicer):
         self.server = server
 
     def Open(self, request, context):  # noqa: N802 - gRPC method name
-        client_id = self.server._interceptor.identify(context.invocation_metadata())
+        client_id = self.server._client_id(context)
         if request.protocol_version != wire.PROTOCOL_VERSION:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"protocol version {request.protocol_version} is not supported; "
@@ -176,7 +191,7 @@ class _Servicer(pb_grpc.SplitLearningServicer):
                             max_batch_size=self.server.max_batch_size)
 
     def Step(self, request, context):  # noqa: N802 - gRPC method name
-        client_id = self.server._interceptor.identify(context.invocation_metadata())
+        client_id = self.server._client_id(context)
         with self.server._lock:
             session = self.server._sessions.get(request.session_id)
         if session is None:
@@ -220,7 +235,10 @@ class SplitServer:
     Args:
         model: the server half (a `keras.Model` whose inputs are the cut).
         loss, optimizer, metrics, loss_weights: as in `SplitModel.compile`.
-        tokens: `{token: client_id}`; a client must present one of them.
+        tokens: `{token: client_id}`; a client must present one of them. May be
+            omitted with mutual TLS: the client certificate's common name is
+            then the client id. With both, the token's client id must equal
+            the certificate's common name.
         address: "host:port" to listen on ("127.0.0.1:0" picks a free port).
         certificate, private_key: PEM (bytes or a path) for TLS.
         client_ca: PEM of the CA that signs client certificates (mutual TLS).
@@ -245,12 +263,15 @@ class SplitServer:
     """
 
     def __init__(self, model, loss, optimizer="rmsprop", metrics=None, loss_weights=None, *,
-                 tokens: dict[str, str], address: str = "127.0.0.1:0", certificate=None,
+                 tokens: dict[str, str] | None = None, address: str = "127.0.0.1:0",
+                 certificate=None,
                  private_key=None, client_ca=None, insecure: bool = False,
                  max_batch_size: int = 1024, max_workers: int = 4,
                  allowed_compression=codecs.NAMES, checkpoint_dir=None):
-        if not tokens:
-            raise ValueError("`tokens` must name at least one client: {token: client_id}.")
+        if not tokens and client_ca is None:
+            raise ValueError(
+                "Clients must authenticate: pass `tokens` ({token: client_id}), or `client_ca` "
+                "for mutual TLS (client certificates name the clients), or both.")
         certificate, private_key = _read(certificate), _read(private_key)
         if not insecure and (certificate is None or private_key is None):
             raise ValueError(
@@ -268,7 +289,9 @@ class SplitServer:
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()
         self._model_lock = threading.Lock()
-        self._interceptor = _TokenInterceptor(dict(tokens))
+        self._interceptor = _TokenInterceptor(dict(tokens or {}),
+                                              certificates_suffice=client_ca is not None)
+        self._mutual_tls = client_ca is not None
         self.checkpoint_path = None
         if checkpoint_dir is not None:
             Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
@@ -307,6 +330,20 @@ class SplitServer:
         self._grpc.stop(grace).wait()
         with self._model_lock:
             self._save()
+
+    def _client_id(self, context) -> str:
+        """Who is calling: the token's client id, the certificate's common name, or
+        both when they agree."""
+        by_token = self._interceptor.identify(context.invocation_metadata())
+        if not self._mutual_tls:
+            return by_token
+        names = context.auth_context().get("x509_common_name") or [b""]
+        by_certificate = names[0].decode(errors="replace")
+        if by_token is not None and by_token != by_certificate:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"the token belongs to {by_token!r} but the client certificate to "
+                          f"{by_certificate!r}")
+        return by_certificate
 
     def _save(self) -> None:
         if self.checkpoint_path is None:

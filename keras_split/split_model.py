@@ -167,7 +167,8 @@ class SplitModel(trainer.LoopOwner):
             optimizer: the optimizer of both sides unless overridden; each side
                 gets its own copy (its own state).
             loss, metrics, loss_weights: as in `keras.Model.compile`; the server
-                computes them.
+                computes them. With your own `transport`, the server at its other
+                end has them, and these are not used.
             client_optimizer, server_optimizer: per-side optimizers.
             transport: a `Transport` to the server; by default an in-process one.
             compression: codec for the cut tensors of the in-process transport
@@ -176,7 +177,7 @@ class SplitModel(trainer.LoopOwner):
                 measure its effect on accuracy and bytes.
         """
         codec = codecs.get(compression)
-        if loss is None:
+        if loss is None and transport is None:
             raise ValueError(
                 "`compile` needs a `loss`: the server computes it on its half's outputs, "
                 "e.g. loss='sparse_categorical_crossentropy'."

@@ -141,6 +141,44 @@ def test_mutual_tls(ca, server_pair, rng):
         server.stop()
 
 
+def test_mutual_tls_identifies_clients_by_certificate(ca, server_pair, rng):
+    model, cut = models.small_cnn()
+    split = keras_split.split(model, cut)
+    server = _serve(split, server_pair, client_ca=ca.pem, tokens={"token-b": "hospital-b"})
+    x, y = models.inputs_for(model, 8, rng), rng.integers(0, 3, 8)
+    pair_a, pair_b = ca.issue("hospital-a"), ca.issue("hospital-b")
+    try:
+        # No token: the certificate alone says who this is.
+        client = _client(split, server, ca, token=None, certificate=pair_a.certificate,
+                         private_key=pair_a.private_key)
+        client.compile("sgd")
+        client.fit(x, y, verbose=0)
+        (session,) = server._sessions.values()
+        assert session.client_id == "hospital-a"
+        # hospital-b's certificate cannot drive hospital-a's session.
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=ca.pem, private_key=pair_b.private_key,
+            certificate_chain=pair_b.certificate)
+        with grpc.secure_channel(f"127.0.0.1:{server.port}", credentials) as channel:
+            stub = pb_grpc.SplitLearningStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Step(_request(client.transport.session_id, 2), timeout=10)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        # A token that is presented must be known, certificate or not.
+        with pytest.raises(PermissionError, match="missing or unknown bearer token"):
+            _client(split, server, ca, token="forged", certificate=pair_a.certificate,
+                    private_key=pair_a.private_key).compile("sgd")
+        # A token and a certificate naming different clients are refused.
+        with pytest.raises(PermissionError, match="the token belongs to 'hospital-b' but the "
+                                                  "client certificate to 'hospital-a'"):
+            _client(split, server, ca, token="token-b", certificate=pair_a.certificate,
+                    private_key=pair_a.private_key).compile("sgd")
+    finally:
+        server.stop()
+    with pytest.raises(ValueError, match="Clients must authenticate"):
+        _serve(split, server_pair, tokens=None)
+
+
 @pytest.mark.parametrize("trust", ["wrong_ca", "self_signed_server"])
 def test_untrusted_server_certificate_fails_fast(trust, ca, server_pair):
     model, cut = models.small_cnn()

@@ -1,4 +1,8 @@
-"""fit / evaluate / predict across the cut, against keras.Model.fit on the unsplit model."""
+"""fit / evaluate / predict across the cut, against keras.Model.fit on the unsplit model.
+
+Tests taking `compile_split` run twice: with the in-process transport, and over
+gRPC on loopback against a `SplitServer` holding the server half.
+"""
 
 import csv
 
@@ -11,6 +15,37 @@ import keras_split
 from tests import models
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+@pytest.fixture(params=["in-process", "grpc"])
+def compile_split(request):
+    """`compile_split(split, **compile_args)`, then train as usual."""
+    servers = []
+
+    def compile_(split, optimizer="rmsprop", loss=None, metrics=None, loss_weights=None):
+        if request.param == "in-process":
+            split.compile(optimizer=optimizer, loss=loss, metrics=metrics,
+                          loss_weights=loss_weights)
+            return
+        server = keras_split.SplitServer(split.server, loss, optimizer, metrics, loss_weights,
+                                         tokens={"t": "test"}, insecure=True).start()
+        servers.append(server)
+        transport = keras_split.GrpcTransport(f"127.0.0.1:{server.port}", "t", insecure=True)
+        transport.open(split.cut_specs)
+        split.compile(optimizer=optimizer, transport=transport)
+
+    compile_.kind = request.param
+    yield compile_
+    for server in servers:
+        server.stop()
+
+
+def _assert_payload(compile_split, got, payload):
+    """Exact payload bytes in process; over gRPC, payload plus message framing."""
+    if compile_split.kind == "in-process":
+        assert got == payload
+    else:
+        assert payload < got < payload * 1.2
 
 
 def _twins(build):
@@ -31,7 +66,7 @@ def _data(model, n, rng):
     ids=["sgd", "adam"],
 )
 @pytest.mark.parametrize("name", ["small_cnn", "resnet_block", "multi_input", "sequential"])
-def test_twenty_steps_match_unsplit_fit(name, optimizer, rng):
+def test_twenty_steps_match_unsplit_fit(name, optimizer, rng, compile_split):
     model, reference, cut = _twins(models.ALL[name])
     x, y = _data(model, 20 * 8, rng)  # 20 steps of batch 8, in order
 
@@ -39,7 +74,7 @@ def test_twenty_steps_match_unsplit_fit(name, optimizer, rng):
     want = reference.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
 
     split = keras_split.split(model, cut)
-    split.compile(optimizer=optimizer(), loss=LOSS)
+    compile_split(split, optimizer=optimizer(), loss=LOSS)
     got = split.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
     # The reported loss includes both sides' regularization, as Keras's does.
     assert got.history["loss"][0] == pytest.approx(want.history["loss"][0], rel=1e-5)
@@ -49,13 +84,13 @@ def test_twenty_steps_match_unsplit_fit(name, optimizer, rng):
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_dataset_and_numpy_inputs_agree(rng):
+def test_dataset_and_numpy_inputs_agree(rng, compile_split):
     model, twin, cut = _twins(models.small_cnn)
     x, y = _data(model, 64, rng)
     a = keras_split.split(model, cut)
     b = keras_split.split(twin, cut)
     for split in (a, b):
-        split.compile(optimizer="adam", loss=LOSS, metrics=["accuracy"])
+        compile_split(split, optimizer="adam", loss=LOSS, metrics=["accuracy"])
     ha = a.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
     hb = b.fit(dataset, epochs=2, verbose=0)
@@ -82,10 +117,10 @@ def test_history_counts_bytes_exactly(rng):
     assert split.transport.bytes.up == 2 * (50 + 10) * 148
 
 
-def test_evaluate_and_predict_match_the_merged_model(rng):
+def test_evaluate_and_predict_match_the_merged_model(rng, compile_split):
     model, cut = models.small_cnn()
     split = keras_split.split(model, cut)
-    split.compile(optimizer="adam", loss=LOSS, metrics=["accuracy"])
+    compile_split(split, optimizer="adam", loss=LOSS, metrics=["accuracy"])
     x, y = _data(model, 40, rng)
     split.fit(x, y, epochs=1, verbose=0)
     merged = split.merge()
@@ -97,13 +132,14 @@ def test_evaluate_and_predict_match_the_merged_model(rng):
     np.testing.assert_allclose(split.predict(x, batch_size=7, verbose=0),
                                merged.predict(x, verbose=0), atol=1e-5)
     logs = split.evaluate(x, y, verbose=0, return_dict=True)
-    assert logs["bytes_up"] == 40 * (144 + 8)
+    _assert_payload(compile_split, logs["bytes_up"], 40 * (144 + 8))
 
 
-def test_multi_output_losses_and_metrics(rng):
+def test_multi_output_losses_and_metrics(rng, compile_split):
     model, cut = models.multi_output()
     split = keras_split.split(model, cut)
-    split.compile(
+    compile_split(
+        split,
         optimizer="adam",
         loss={"cls": LOSS, "reg": "mse"},
         loss_weights={"cls": 1.0, "reg": 0.5},
@@ -117,10 +153,10 @@ def test_multi_output_losses_and_metrics(rng):
     assert set(out) == {"cls", "reg"} and out["cls"].shape == (32, 3)
 
 
-def test_standard_callbacks(tmp_path, rng):
+def test_standard_callbacks(tmp_path, rng, compile_split):
     model, cut = models.small_cnn()
     split = keras_split.split(model, cut)
-    split.compile(optimizer="adam", loss=LOSS, metrics=["accuracy"])
+    compile_split(split, optimizer="adam", loss=LOSS, metrics=["accuracy"])
     x, y = _data(model, 48, rng)
     csv_path = tmp_path / "log.csv"
     callbacks = [
@@ -156,10 +192,10 @@ def test_terminate_on_nan_stops_training(rng):
     assert len(history.history["loss"]) == 1
 
 
-def test_progress_bar_is_printed(rng, capsys):
+def test_progress_bar_is_printed(rng, capsys, compile_split):
     model, cut = models.small_cnn()
     split = keras_split.split(model, cut)
-    split.compile(optimizer="adam", loss=LOSS)
+    compile_split(split, optimizer="adam", loss=LOSS)
     x, y = _data(model, 32, rng)
     split.fit(x, y, batch_size=16, epochs=1, verbose=2)
     out = capsys.readouterr().out
@@ -197,15 +233,15 @@ def test_independent_optimizers_per_side():
     assert split.optimizer is split.client_role.optimizer
 
 
-def test_validation_split_holds_out_the_last_samples_like_keras(rng):
+def test_validation_split_holds_out_the_last_samples_like_keras(rng, compile_split):
     model, twin, cut = _twins(models.small_cnn)
     x, y = _data(model, 50, rng)
     split = keras_split.split(model, cut)
-    split.compile(optimizer="sgd", loss=LOSS)
+    compile_split(split, optimizer="sgd", loss=LOSS)
     got = split.fit(x, y, batch_size=8, validation_split=0.2, shuffle=False, verbose=0)
     twin.compile(optimizer="sgd", loss=LOSS)
     want = twin.fit(x, y, batch_size=8, validation_split=0.2, shuffle=False, verbose=0)
     assert got.history["val_loss"][0] == pytest.approx(want.history["val_loss"][0], rel=1e-5)
-    assert got.history["bytes_up"] == [40 * 152]
+    _assert_payload(compile_split, got.history["bytes_up"][0], 40 * 152)
     with pytest.raises(ValueError, match=r"`validation_split` must be in \(0, 1\)"):
         split.fit(x, y, validation_split=1.5, verbose=0)
