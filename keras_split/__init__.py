@@ -9,6 +9,8 @@ import os
 # TensorFlow's C++ INFO lines (oneDNN, CUDA probing) drown the progress bar;
 # warnings and errors still show. A user's own setting wins.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+# gRPC's C core logs every closed connection at INFO; errors still show.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 # ruff: noqa: E402
 

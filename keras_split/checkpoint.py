@@ -1,61 +1,103 @@
-"""Checkpoints at step boundaries: one `.npz` file per party, replaced atomically.
+"""Checkpoints at step boundaries: one file per party, replaced atomically.
 
 A checkpoint holds variable values (the model's, the optimizer's, metric
-state) as plain numeric arrays and a JSON header (step counters, sessions,
-data position). It is read with `allow_pickle=False`: a checkpoint cannot
-carry code. Writing goes to a temporary file that is flushed to disk and then
-renamed over the old one, so a crash at any instant leaves either the previous
-checkpoint or the new one, never a torn file.
+state) as raw numeric arrays and a JSON header (step counters, sessions, data
+position, and where each array lies in the file). Reading checks every array's
+dtype, shape and extent; nothing is unpickled, so a checkpoint cannot carry
+code.
+
+Layout: the 8-byte magic `KSPLITCK`, the header's length (8 bytes, little
+endian), the UTF-8 JSON header, then the arrays' bytes back to back. Parties
+checkpoint after every step, so writing must be cheap: one buffer, one write
+to a temporary file, one rename over the previous checkpoint. The rename is
+atomic, so a crash at any instant leaves the old checkpoint or the new one,
+never a torn file. That covers a killed process; to also survive the machine
+losing power, pass `durable=True`, which flushes the file and its directory to
+disk before returning (about 0.3 ms more per step on the development machine,
+often much more on network disks).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import zipfile
+import struct
 from pathlib import Path
 
 import numpy as np
 
-FORMAT = 1
-_HEADER = "__header__"
+FORMAT = 2
+MAGIC = b"KSPLITCK"
+# Numeric dtypes only (bool, integers, floats), as on the wire.
+_KINDS = "biuf"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that does not belong to this model or party."""
+    """A checkpoint that is unreadable, or does not belong to this model or party."""
 
 
-def write(path, header: dict, arrays: dict[str, np.ndarray], sync: bool = True) -> None:
+def write(path, header: dict, arrays: dict[str, np.ndarray], durable: bool = False) -> None:
     """Atomically replace `path` with `header` and `arrays`."""
     path = Path(path)
+    index, chunks, offset = [], [], 0
+    for name, array in arrays.items():
+        data = np.asarray(array)
+        index.append([name, data.dtype.name, list(data.shape), offset, data.nbytes])
+        chunks.append(data.astype(data.dtype.newbyteorder("<"), copy=False).tobytes())
+        offset += data.nbytes
+    encoded = json.dumps({"format": FORMAT, **header, "arrays": index}).encode()
     temporary = path.with_name(path.name + ".partial")
-    encoded = np.frombuffer(json.dumps({"format": FORMAT, **header}).encode(), np.uint8)
     with open(temporary, "wb") as f:
-        np.savez(f, **{_HEADER: encoded}, **arrays)
-        if sync:
+        f.write(MAGIC + struct.pack("<Q", len(encoded)) + encoded + b"".join(chunks))
+        if durable:
             f.flush()
             os.fsync(f.fileno())
     os.replace(temporary, path)
+    if durable:
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 def read(path) -> tuple[dict, dict[str, np.ndarray]]:
     """Read a checkpoint written by `write`: (header, arrays)."""
     try:
-        with open(path, "rb") as f, np.load(f, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise CheckpointError(f"{path} is not a readable keras_split checkpoint: {error}") \
-            from None
+        blob = Path(path).read_bytes()
+    except OSError as error:
+        raise CheckpointError(f"Cannot read the checkpoint {path}: {error}") from None
+    if blob[:8] != MAGIC or len(blob) < 16:
+        raise CheckpointError(f"{path} is not a readable keras_split checkpoint.")
+    (length,) = struct.unpack("<Q", blob[8:16])
     try:
-        header = json.loads(arrays.pop(_HEADER).tobytes().decode())
-    except (KeyError, ValueError):
+        header = json.loads(blob[16:16 + length].decode())
+    except (UnicodeDecodeError, ValueError):
         raise CheckpointError(f"{path} has no readable keras_split header.") from None
-    if header.get("format") != FORMAT:
+    found = header.get("format") if isinstance(header, dict) else None
+    if found != FORMAT:
         raise CheckpointError(
-            f"{path} has checkpoint format {header.get('format')!r}; this version reads "
-            f"format {FORMAT}."
-        )
+            f"{path} has checkpoint format {found!r}; this version reads format {FORMAT}.")
+    payload = memoryview(blob)[16 + length:]
+    arrays = {}
+    for entry in header.pop("arrays", []):
+        arrays[entry[0]] = _array(entry, payload, path)
     return header, arrays
+
+
+def _array(entry, payload, path) -> np.ndarray:
+    try:
+        name, dtype, shape, offset, nbytes = entry
+        dtype = np.dtype(dtype).newbyteorder("<")
+        shape = tuple(int(d) for d in shape)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{path}: malformed array entry {entry!r}.") from None
+    if (dtype.kind not in _KINDS or any(d < 0 for d in shape) or offset < 0
+            or nbytes != math.prod(shape) * dtype.itemsize or offset + nbytes > len(payload)):
+        raise CheckpointError(f"{path}: array {name!r} does not fit the file.")
+    values = np.frombuffer(payload[offset:offset + nbytes], dtype=dtype).reshape(shape)
+    return values.astype(dtype.name)
 
 
 def values_of(group: str, variables) -> dict[str, np.ndarray]:

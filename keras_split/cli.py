@@ -59,7 +59,7 @@ def _serve(args) -> int:
         address=args.address,
         certificate=args.cert, private_key=args.key, client_ca=args.client_ca,
         insecure=args.insecure, max_batch_size=args.max_batch_size,
-        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_dir=args.checkpoint_dir, durable_checkpoints=args.durable_checkpoints,
     ).start()
     print(f"serving {args.model} on {server.address} "
           f"({'INSECURE, no TLS' if args.insecure else 'TLS'}); Ctrl-C to stop", flush=True)
@@ -79,7 +79,8 @@ def _client(args) -> int:
     train_client(args.model, args.server, args.token, args.epochs, args.batch_size,
                  args.learning_rate, root_certificates=args.ca, certificate=args.cert,
                  private_key=args.key, insecure=args.insecure, compression=args.compression,
-                 checkpoint_dir=args.checkpoint_dir, seed=args.seed)
+                 checkpoint_dir=args.checkpoint_dir, seed=args.seed,
+                 durable_checkpoints=args.durable_checkpoints)
     return 0
 
 
@@ -116,6 +117,8 @@ def _network_commands(commands) -> None:
                        help="largest batch accepted; sets the message size limit")
     serve.add_argument("--checkpoint-dir",
                        help="checkpoint after every step here, and resume from it on start")
+    serve.add_argument("--durable-checkpoints", action="store_true",
+                       help="fsync each checkpoint (survive power loss, not only a crash)")
     serve.set_defaults(run=_serve)
 
     client = commands.add_parser(
@@ -135,6 +138,8 @@ def _network_commands(commands) -> None:
     client.add_argument("--checkpoint-dir",
                         help="checkpoint after every step here; rerun the same command to "
                              "resume after a crash or SIGTERM")
+    client.add_argument("--durable-checkpoints", action="store_true",
+                        help="fsync each checkpoint (survive power loss, not only a crash)")
     client.add_argument("--seed", type=int, default=0, help="seed of the shuffle (default 0)")
     client.set_defaults(run=_client)
 

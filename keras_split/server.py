@@ -244,11 +244,13 @@ class SplitServer:
         client_ca: PEM of the CA that signs client certificates (mutual TLS).
         insecure: serve without TLS (logs a warning). Only for loopback tests.
         max_batch_size: the largest batch a client may send; sets the message limit.
-        checkpoint_dir: a folder for `server.npz`, rewritten after every step
+        checkpoint_dir: a folder for `server.ckpt`, rewritten after every step
             (before its reply is sent) and on `stop()`: weights, optimizer and
             metric state, and every session with its last step and reply. A
             server started on a folder that holds a checkpoint resumes from it,
             and its clients carry on where they were.
+        durable_checkpoints: also flush each checkpoint to disk (survives power
+            loss, not only a killed process; costs an fsync per step).
         allowed_compression: names of the codecs clients may choose (see
             `keras_split.codecs`); all of them by default. "none" is always allowed.
 
@@ -267,7 +269,8 @@ class SplitServer:
                  certificate=None,
                  private_key=None, client_ca=None, insecure: bool = False,
                  max_batch_size: int = 1024, max_workers: int = 4,
-                 allowed_compression=codecs.NAMES, checkpoint_dir=None):
+                 allowed_compression=codecs.NAMES, checkpoint_dir=None,
+                 durable_checkpoints: bool = False):
         if not tokens and client_ca is None:
             raise ValueError(
                 "Clients must authenticate: pass `tokens` ({token: client_id}), or `client_ca` "
@@ -293,9 +296,10 @@ class SplitServer:
                                               certificates_suffice=client_ca is not None)
         self._mutual_tls = client_ca is not None
         self.checkpoint_path = None
+        self._durable = durable_checkpoints
         if checkpoint_dir is not None:
             Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-            self.checkpoint_path = Path(checkpoint_dir) / "server.npz"
+            self.checkpoint_path = Path(checkpoint_dir) / "server.ckpt"
             if self.checkpoint_path.exists():
                 self._restore()
         limit = message_limit(self.cut_specs, max_batch_size)
@@ -354,7 +358,8 @@ class SplitServer:
                    for sid, s in sessions.items() if s.cached is not None}
         header = {"party": "server", "cut": [[s.dtype, list(s.shape)] for s in self.cut_specs],
                   "sessions": {sid: s.header() for sid, s in sessions.items()}}
-        checkpoint.write(self.checkpoint_path, header, {**self.role.state(), **replies})
+        checkpoint.write(self.checkpoint_path, header, {**self.role.state(), **replies},
+                         durable=self._durable)
 
     def _restore(self) -> None:
         path = self.checkpoint_path

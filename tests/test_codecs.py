@@ -196,3 +196,20 @@ def test_compression_with_a_custom_transport_is_refused():
         split.compile("sgd", loss=LOSS, compression="int8",
                       transport=keras_split.InProcessTransport(None))
     assert split.client_role is None  # nothing was half-configured
+
+
+def test_fast_float16_cast_rounds_exactly_like_numpy(rng):
+    # Every finite float32 bit pattern class: normals, float16 subnormals,
+    # overflow to inf, exact ties; compared bit for bit with numpy's cast.
+    bits = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
+    x = bits.view(np.float32)
+    x = x[np.isfinite(x)]
+    ties = (np.arange(-2048, 2048, dtype=np.float32) + 0.5) * 2.0**-10  # halfway points
+    x = np.concatenate([x, ties, np.float32([6.1e-5, 5.96e-8, 65504, 65520, -0.0])])
+    fast = codecs._cast(x, "float16")
+    with np.errstate(over="ignore"):
+        slow = x.astype(np.float16)
+    np.testing.assert_array_equal(fast.view(np.uint16), slow.view(np.uint16))
+    back = codecs._cast(fast, "float32")
+    np.testing.assert_array_equal(back.view(np.uint32),
+                                  fast.astype(np.float32).view(np.uint32))

@@ -171,7 +171,7 @@ def test_server_killed_mid_epoch_resumes_without_losing_or_repeating_a_step(setu
     assert processes[-1].returncode == 0, output
     assert "checkpoint written" in output
 
-    header, arrays = checkpoint.read(checkpoints / "server.npz")
+    header, arrays = checkpoint.read(checkpoints / "server.ckpt")
     (session,) = header["sessions"].values()
     # Step numbers count validation steps too: the last training step is the
     # last of epoch 2, after one validation pass.
@@ -213,14 +213,14 @@ def test_client_stopped_mid_epoch_resumes_from_its_checkpoint(setup, stop):
         deadline = time.monotonic() + 60
         # Step 55 is in the second epoch (38 training and 5 validation steps
         # each), whose shuffled order the resumed client must replay.
-        while _client_step(checkpoints / "client.npz") < 55 and time.monotonic() < deadline:
+        while _client_step(checkpoints / "client.ckpt") < 55 and time.monotonic() < deadline:
             time.sleep(0.005)
         first.send_signal(stop)
         output, _ = first.communicate(timeout=60)
         if stop == signal.SIGTERM:
             assert first.returncode == 0, output
             assert "interrupted; run the same command to resume" in output
-        stopped_at = _client_step(checkpoints / "client.npz")
+        stopped_at = _client_step(checkpoints / "client.ckpt")
         assert 55 <= stopped_at < 2 * 43
         second = subprocess.run(command, capture_output=True, text=True, env=_environment(),
                                 timeout=120)
@@ -228,7 +228,7 @@ def test_client_stopped_mid_epoch_resumes_from_its_checkpoint(setup, stop):
         assert "test: " in second.stdout
     finally:
         server.stop()
-    header, arrays = checkpoint.read(checkpoints / "client.npz")
+    header, arrays = checkpoint.read(checkpoints / "client.ckpt")
     assert header["position"] is None  # the fit finished
     reference = _reference(setup, epochs=2)
     _assert_same(reference.client.variables, arrays, "model")
@@ -258,7 +258,7 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match=r"not written by a server with this "
                                                          r"cut \(\[\['float32', \[None, 6\]\]\]\)"):
         _small_server(server_half(3, cut=(6,)), tmp_path)
-    (tmp_path / "server.npz").write_bytes(b"PK\x03\x04 not really")
+    (tmp_path / "server.ckpt").write_bytes(b"PK\x03\x04 not really")
     with pytest.raises(checkpoint.CheckpointError, match="is not a readable keras_split"):
         _small_server(server_half(3), tmp_path)
 
