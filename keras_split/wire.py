@@ -168,8 +168,9 @@ def request_from_pb(request: pb.StepRequest, specs, max_batch_size: int,
 def reply_to_pb(reply: Reply, codec: codecs.Codec = codecs.NONE) -> pb.StepReply:
     outputs, outputs_are_dict = _structure_to_pb(reply.outputs)
     gradients = [encode(g, codec=codec) for g in reply.gradients]
-    return pb.StepReply(step=reply.step, gradients=gradients,
-                        logs=reply.logs, outputs=outputs, outputs_are_dict=outputs_are_dict)
+    return pb.StepReply(step=reply.step, gradients=gradients, logs=reply.logs,
+                        log_order=list(reply.logs), outputs=outputs,
+                        outputs_are_dict=outputs_are_dict)
 
 
 def reply_from_pb(reply: pb.StepReply, max_elements: int,
@@ -186,4 +187,10 @@ def reply_from_pb(reply: pb.StepReply, max_elements: int,
             outputs = {t.name: a for t, a in zip(reply.outputs, arrays, strict=True)}
         else:
             outputs = arrays[0] if len(arrays) == 1 else arrays
-    return Reply(step=reply.step, gradients=gradients, logs=dict(reply.logs), outputs=outputs)
+    # Keras reports logs in order (loss first, then the metrics as compiled);
+    # a protobuf map has no order, so the reply lists it.
+    if sorted(reply.log_order) != sorted(reply.logs):
+        raise WireError("log_order", f"{list(reply.log_order)} does not list the log names "
+                                     f"{sorted(reply.logs)}")
+    logs = {name: reply.logs[name] for name in reply.log_order}
+    return Reply(step=reply.step, gradients=gradients, logs=logs, outputs=outputs)

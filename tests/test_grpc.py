@@ -442,3 +442,11 @@ def test_generated_code_is_fresh(tmp_path):
         fresh = (tmp_path / "keras_split" / "proto" / name).read_text()
         committed = (root / "keras_split" / "proto" / name).read_text()
         assert fresh == committed, f"{name} is stale: run python keras_split/proto/generate.py"
+
+
+def test_logs_keep_their_order_across_the_wire():
+    names = ["loss", "zeta", "accuracy", "auc", "b"]
+    reply = keras_split.Reply(step=1, logs={n: float(i) for i, n in enumerate(names)})
+    decoded = wire.reply_from_pb(pb.StepReply.FromString(
+        wire.reply_to_pb(reply).SerializeToString()), 10)
+    assert list(decoded.logs) == names
