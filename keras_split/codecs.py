@@ -31,7 +31,7 @@ import sys
 
 import numpy as np
 
-from keras_split.proto import split_pb2 as pb
+from .proto import split_pb2 as pb
 
 FLOAT_DTYPES = ("float16", "float32", "float64")
 # float16's largest finite value is 65504 < 2**16: scaling the largest

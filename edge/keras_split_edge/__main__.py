@@ -1,0 +1,70 @@
+"""`python -m keras_split_edge train ...`: train an exported client half on a
+dataset file against a keras_split server, keeping the device's state."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from keras_split_edge.client import EdgeClient
+
+
+def _read_data(path, x_key, y_key, input_shape):
+    with np.load(path, allow_pickle=False) as data:
+        missing = {x_key, y_key} - set(data.files)
+        if missing:
+            raise ValueError(f"{path} has no {sorted(missing)}; it holds {sorted(data.files)}. "
+                             "Pass --x-key/--y-key.")
+        x, y = data[x_key], data[y_key]
+    if x.shape[1:] != tuple(input_shape) and x[0].size == np.prod(input_shape):
+        x = x.reshape((len(x), *input_shape))  # e.g. MedMNIST's (N, 28, 28) for (28, 28, 1)
+    return x, y.reshape(len(y)) if y.ndim == 2 and y.shape[1] == 1 else y
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m keras_split_edge")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train the device's client half")
+    train.add_argument("--model", required=True, help="exported client half (.tflite/.onnx)")
+    train.add_argument("--server", required=True, help="HOST:PORT of the split server")
+    train.add_argument("--token", help="bearer token")
+    train.add_argument("--ca", help="CA certificate of the server (PEM)")
+    train.add_argument("--cert", help="client certificate (mutual TLS)")
+    train.add_argument("--key", help="client private key (mutual TLS)")
+    train.add_argument("--insecure", action="store_true", help="no TLS (loopback tests only)")
+    train.add_argument("--data", required=True, help=".npz file with the device's data")
+    train.add_argument("--x-key", default="train_images")
+    train.add_argument("--y-key", default="train_labels")
+    train.add_argument("--epochs", type=int, default=1)
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--no-shuffle", action="store_true")
+    train.add_argument("--compression", default=None)
+    train.add_argument("--state-dir", help="keep weights and optimizer state here")
+    train.add_argument("--weights-in", help=".npz of weights w000... to start from (hand-off)")
+    train.add_argument("--weights-out", help="write the final weights here (.npz)")
+    args = parser.parse_args(argv)
+    from keras_split_edge.runtime import load
+
+    model = load(args.model)
+    client = EdgeClient(model, args.server, state_dir=args.state_dir, token=args.token,
+                        root_certificates=args.ca, certificate=args.cert, private_key=args.key,
+                        insecure=args.insecure, compression=args.compression)
+    if args.weights_in and client.restored:
+        print(f"note: {args.state_dir} holds the device's saved state; --weights-in is ignored")
+    elif args.weights_in:
+        with np.load(args.weights_in, allow_pickle=False) as data:
+            model.set_weights([data[k] for k in sorted(data.files)])
+    x, y = _read_data(args.data, args.x_key, args.y_key, model.input_shapes[0])
+    client.fit(x, y, batch_size=args.batch_size, epochs=args.epochs,
+               shuffle=not args.no_shuffle, seed=args.seed)
+    if args.weights_out:
+        np.savez(args.weights_out, **{f"w{i:03d}": w for i, w in enumerate(model.get_weights())})
+    client.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

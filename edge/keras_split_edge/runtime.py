@@ -1,0 +1,222 @@
+"""Run an exported client half: forward, backward and update, on the device.
+
+`load(path)` opens a `.tflite` export in the LiteRT interpreter or an `.onnx`
+export in onnxruntime. Both give the same interface:
+
+- `forward(inputs) -> cut tensors` in training mode (what the device sends),
+- `infer(inputs) -> cut tensors` in inference mode,
+- `train(inputs, gradients)`: backward from the server's cut gradients and the
+  optimizer update, inside the exported model,
+- `get_weights()` / `set_weights(weights)`: the model's weights, in the order of
+  Keras's `model.get_weights()` (to hand them to the next client),
+- `save(folder)` / `restore(folder)`: weights and optimizer state on local
+  storage, between app sessions (`.npz`, read without pickle).
+
+Neither TensorFlow nor keras_split is imported here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+STATE_FILE = "device_state.npz"
+
+
+class ExportedModel:
+    """What both runtimes provide; see the module doc."""
+
+    input_names: list[str]
+    input_shapes: list[tuple]  # without the batch axis
+    cut_specs: list[tuple[str, tuple]]  # (dtype, shape with -1 for the batch)
+
+    def save(self, folder) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays = {f"w{i:03d}": w for i, w in enumerate(self.get_weights())}
+        slots, step = self.get_optimizer()
+        arrays.update({f"s{i:03d}": s for i, s in enumerate(slots)})
+        arrays["step"] = np.asarray(step, np.float32)
+        path = folder / STATE_FILE
+        temporary = folder / (STATE_FILE + ".partial")
+        with open(temporary, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(temporary, path)  # a crash leaves the old file or the new one
+        return path
+
+    def restore(self, folder) -> bool:
+        """Load the state saved in `folder`; False if there is none."""
+        path = Path(folder) / STATE_FILE
+        if not path.exists():
+            return False
+        with np.load(path, allow_pickle=False) as data:
+            weights = [data[k] for k in sorted(k for k in data.files if k.startswith("w"))]
+            slots = [data[k] for k in sorted(k for k in data.files if k.startswith("s"))]
+            step = float(data["step"])
+        self.set_weights(weights)
+        self.set_optimizer(slots, step)
+        return True
+
+
+def _positional(names) -> list[str]:
+    """The model inputs x0, x1, ... in order (the export names them so)."""
+    inputs = [n for n in names if n[:1] == "x" and n[1:].isdigit()]
+    return sorted(inputs, key=lambda n: int(n[1:]))
+
+
+def _check(values, expected, what):
+    if len(values) != len(expected):
+        raise ValueError(f"{what}: {len(values)} arrays, the model has {len(expected)}.")
+    for i, (value, shape) in enumerate(zip(values, expected, strict=True)):
+        if tuple(np.shape(value)) != tuple(shape):
+            raise ValueError(f"{what}[{i}] has shape {np.shape(value)}, the model expects "
+                             f"{tuple(shape)}.")
+
+
+class LiteRTModel(ExportedModel):
+    """A `.tflite` export in the LiteRT interpreter."""
+
+    def __init__(self, path):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.path = Path(path)
+        self._interpreter = Interpreter(model_path=str(path))
+        signatures = self._interpreter.get_signature_list()
+        missing = {"infer", "forward", "train", "get_weights", "set_weights"} - set(signatures)
+        if missing:
+            raise ValueError(f"{path} lacks the signatures {sorted(missing)}; export it with "
+                             "keras_split.export.export_client (not export_inference).")
+        self._runners = {name: self._interpreter.get_signature_runner(name)
+                         for name in signatures}
+        self.input_names = _positional(signatures["forward"]["inputs"])
+        details = self._runners["forward"].get_input_details()
+        self._input_dtypes = {n: details[n]["dtype"] for n in self.input_names}
+        self.input_shapes = [tuple(int(d) for d in details[n]["shape_signature"][1:])
+                             for n in self.input_names]
+        outputs = self._runners["forward"].get_output_details()
+        names = sorted(outputs, key=lambda n: int(n.split("_")[1]))
+        self.cut_specs = [(np.dtype(outputs[n]["dtype"]).name,
+                           (-1, *[int(d) for d in outputs[n]["shape_signature"][1:]]))
+                          for n in names]
+        self._weight_shapes = [tuple(v.shape) for v in self.get_weights()]
+
+    def _inputs(self, inputs):
+        return {n: np.asarray(x, self._input_dtypes[n])
+                for n, x in zip(self.input_names, inputs, strict=True)}
+
+    def _cuts(self, result):
+        return [result[f"cut_{i}"] for i in range(len(self.cut_specs))]
+
+    def forward(self, inputs):
+        return self._cuts(self._runners["forward"](**self._inputs(inputs)))
+
+    def infer(self, inputs):
+        return self._cuts(self._runners["infer"](**self._inputs(inputs)))
+
+    def train(self, inputs, gradients):
+        grads = {f"grad_{i}": np.asarray(g, np.float32) for i, g in enumerate(gradients)}
+        self._runners["train"](**self._inputs(inputs), **grads)
+
+    def get_weights(self):
+        result = self._runners["get_weights"]()
+        return [result[k] for k in sorted(result)]
+
+    def set_weights(self, weights):
+        _check(weights, self._weight_shapes, "weights")
+        self._runners["set_weights"](**{f"w{i:03d}": np.asarray(w, np.float32)
+                                        for i, w in enumerate(weights)})
+
+    def get_optimizer(self):
+        result = self._runners["get_optimizer"]()
+        step = float(result.pop("step"))
+        return [result[k] for k in sorted(result)], step
+
+    def set_optimizer(self, slots, step):
+        arguments = {f"s{i:03d}": np.asarray(s, np.float32) for i, s in enumerate(slots)}
+        self._runners["set_optimizer"](**arguments, step=np.asarray(step, np.float32))
+
+
+class OnnxModel(ExportedModel):
+    """An `.onnx` export (stateless graphs) in plain onnxruntime; the state lives here."""
+
+    def __init__(self, path):
+        import onnxruntime
+
+        self.path = Path(path)
+        stem = str(path)[: -len(".onnx")]
+
+        def session(name):
+            return onnxruntime.InferenceSession(name, providers=["CPUExecutionProvider"])
+
+        self._infer, self._forward = session(str(path)), session(f"{stem}.forward.onnx")
+        self._train = session(f"{stem}.train.onnx")
+        with np.load(f"{stem}.state.npz", allow_pickle=False) as data:
+            self._state = {k: data[k] for k in data.files}
+        self._order = [tuple(int(v) for v in pair) for pair in self._state.pop("weight_order")]
+        self.input_names = _positional(i.name for i in self._forward.get_inputs())
+        inputs = {i.name: i for i in self._forward.get_inputs()}
+        self._input_dtypes = {n: _ONNX_DTYPES[i.type] for n, i in inputs.items()}
+        self.input_shapes = [tuple(int(d) for d in inputs[n].shape[1:]) for n in self.input_names]
+        self.cut_specs = [("float32", (-1, *[int(d) for d in o.shape[1:]]))
+                          for o in self._forward.get_outputs()]
+
+    def _feed(self, session, values):
+        wanted = {i.name for i in session.get_inputs()}
+        return {k: v for k, v in values.items() if k in wanted}
+
+    def _inputs(self, inputs):
+        return {n: np.asarray(x, self._input_dtypes[n])
+                for n, x in zip(self.input_names, inputs, strict=True)}
+
+    def forward(self, inputs):
+        return self._forward.run(None, self._feed(self._forward,
+                                                  {**self._state, **self._inputs(inputs)}))
+
+    def infer(self, inputs):
+        return self._infer.run(None, self._feed(self._infer,
+                                                {**self._state, **self._inputs(inputs)}))
+
+    def train(self, inputs, gradients):
+        grads = {f"grad_{i}": np.asarray(g, np.float32) for i, g in enumerate(gradients)}
+        feed = self._feed(self._train, {**self._state, **self._inputs(inputs), **grads})
+        names = [o.name for o in self._train.get_outputs()]
+        for name, value in zip(names, self._train.run(None, feed), strict=True):
+            self._state[name[len("new_"):]] = value
+
+    def _weight_key(self, group, index):
+        return f"{'pb'[group]}{index:03d}"
+
+    def get_weights(self):
+        return [self._state[self._weight_key(g, i)] for g, i in self._order]
+
+    def set_weights(self, weights):
+        _check(weights, [self._state[self._weight_key(g, i)].shape for g, i in self._order],
+               "weights")
+        for (group, index), value in zip(self._order, weights, strict=True):
+            self._state[self._weight_key(group, index)] = np.asarray(value, np.float32)
+
+    def get_optimizer(self):
+        slots = [self._state[k] for k in sorted(self._state) if k[0] == "o"]
+        return slots, float(self._state["step"])
+
+    def set_optimizer(self, slots, step):
+        for i, value in enumerate(slots):
+            self._state[f"o{i:03d}"] = np.asarray(value, np.float32)
+        self._state["step"] = np.asarray(step, np.float32)
+
+
+_ONNX_DTYPES = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8,
+                "tensor(int32)": np.int32, "tensor(int64)": np.int64,
+                "tensor(double)": np.float64, "tensor(float16)": np.float16}
+
+
+def load(path) -> ExportedModel:
+    """Open an exported client half by its suffix: `.tflite` or `.onnx`."""
+    suffix = Path(path).suffix
+    if suffix == ".tflite":
+        return LiteRTModel(path)
+    if suffix == ".onnx":
+        return OnnxModel(path)
+    raise ValueError(f"Cannot open {path}: expected a .tflite or .onnx export.")

@@ -1,0 +1,78 @@
+"""TFLite (LiteRT) export of a client half, with on-device training signatures."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+
+from keras_split.export.device import DeviceModule
+
+
+class ExportError(RuntimeError):
+    """The converter or the export-time check refused the model."""
+
+
+def _converter_for(module: DeviceModule, folder: str, keys):
+    signatures = {k: module.functions[k].get_concrete_function() for k in keys}
+    tf.saved_model.save(module, folder, signatures=signatures)
+    converter = tf.lite.TFLiteConverter.from_saved_model(folder, signature_keys=list(keys))
+    # Builtin ops only: the plain LiteRT runtime (no Flex delegate) runs it.
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    converter.experimental_enable_resource_variables = True
+    return converter
+
+
+def convert(module: DeviceModule, keys, optimizations=None, supported_types=None) -> bytes:
+    """Convert the named signatures in one call, so they share variables."""
+    with tempfile.TemporaryDirectory() as folder:
+        converter = _converter_for(module, os.path.join(folder, "saved"), keys)
+        if optimizations:
+            converter.optimizations = optimizations
+        if supported_types:
+            converter.target_spec.supported_types = supported_types
+        try:
+            return converter.convert()
+        except Exception as error:  # the converter raises several unrelated types
+            text = str(error)
+            lines = [line for line in text.splitlines() if "op" in line.lower()][:8]
+            raise ExportError(
+                "The TFLite converter needs operations outside the builtin set for this "
+                "client half (the plain LiteRT runtime has no Flex delegate):\n  "
+                + "\n  ".join(lines or text.splitlines()[:8])
+            ) from None
+
+
+def interpreter(model: bytes):
+    """A LiteRT interpreter for `model` (the runtime a phone uses)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    return Interpreter(model_content=model)
+
+
+def run_train_check(model: bytes, module: DeviceModule, reference_step, x, grads,
+                    atol: float) -> float:
+    """One `train` step in LiteRT against TensorFlow's; returns the largest error.
+
+    Also reads the weights back first: a converted model whose variables did not
+    keep their values would fail here.
+    """
+    runner = interpreter(model)
+    weights = runner.get_signature_runner("get_weights")()
+    for i, variable in enumerate(module.weights):
+        got = weights[f"w{i:03d}"]
+        if not np.allclose(got, variable.numpy(), atol=atol, rtol=0):
+            raise ExportError(f"Weight {i} reads back wrong from the converted model "
+                              f"(largest error {np.abs(got - variable.numpy()).max():.3g}).")
+    inputs = dict(zip(module.names, x, strict=True))
+    runner.get_signature_runner("train")(**inputs, **{f"grad_{i}": g for i, g in enumerate(grads)})
+    after = runner.get_signature_runner("get_weights")()
+    want = reference_step(x, grads)
+    error = max(float(np.abs(after[f"w{i:03d}"] - w).max()) for i, w in enumerate(want))
+    if error > atol:
+        raise ExportError(
+            f"The converted model's train step differs from TensorFlow's by {error:.3g} "
+            f"(tolerance {atol}); the export is not trustworthy for this model.")
+    return error
