@@ -30,6 +30,29 @@ def _halves(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    import keras
+
+    from keras_split.export.artefacts import write_artefacts
+
+    if args.model:
+        client = keras.models.load_model(args.model)  # the user's own file
+    else:
+        from keras_split.netdemo import save_halves
+
+        client_path, _ = save_halves(args.out, cut=args.cut, seed=args.seed)
+        client = keras.models.load_model(client_path)
+    optimizer = keras.optimizers.get(args.optimizer)
+    optimizer.learning_rate = args.learning_rate
+    manifest = write_artefacts(client, args.out, optimizer)
+    for entry in manifest["files"]:
+        check = entry.get("train_step_error", entry.get("inference_error"))
+        print(f"{entry['file']:32} {entry['bytes']:>9,} bytes  {entry['kind']:32} "
+              f"check error {check:.2g}")
+    print(f"manifest: {args.out}/manifest.json")
+    return 0
+
+
 def _certs(args) -> int:
     from keras_split.devcerts import write_dev_certificates
 
@@ -89,6 +112,17 @@ def _network_commands(commands) -> None:
     halves.add_argument("--out", required=True, help="folder for client.keras and server.keras")
     halves.add_argument("--cut", default="pool2", help="cut layer (default pool2)")
     halves.set_defaults(run=_halves)
+
+    export = commands.add_parser(
+        "export", help="export a client half for devices (LiteRT, ONNX) with a manifest")
+    export.add_argument("--out", default="saved_models/demo", help="output folder")
+    export.add_argument("--model", help="a client half (.keras); default: the demo's")
+    export.add_argument("--cut", default="pool2", help="demo cut layer (default pool2)")
+    export.add_argument("--seed", type=int, default=0, help="demo initial weights seed")
+    export.add_argument("--optimizer", default="adam", choices=["adam", "sgd"],
+                        help="the device's optimizer (default adam)")
+    export.add_argument("--learning-rate", type=float, default=1e-3)
+    export.set_defaults(run=_export)
 
     certs = commands.add_parser(
         "certs", help="write a throwaway CA and localhost certificates (development only)")

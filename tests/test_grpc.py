@@ -438,10 +438,14 @@ def test_generated_code_is_fresh(tmp_path):
     root = Path(__file__).resolve().parent.parent
     script = root / "keras_split" / "proto" / "generate.py"
     subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, cwd=root)
-    for name in ("split_pb2.py", "split_pb2_grpc.py"):
-        fresh = (tmp_path / "keras_split" / "proto" / name).read_text()
-        committed = (root / "keras_split" / "proto" / name).read_text()
+    generated = [Path("keras_split/proto") / n for n in ("split_pb2.py", "split_pb2_grpc.py")]
+    generated += [Path("edge/keras_split_edge/proto") / n for n in ("split.proto", "split_pb2.py")]
+    for name in generated:
+        fresh, committed = (tmp_path / name).read_text(), (root / name).read_text()
         assert fresh == committed, f"{name} is stale: run python keras_split/proto/generate.py"
+    # The device runtime carries the same codecs (it may not import keras_split).
+    assert (root / "edge/keras_split_edge/codecs.py").read_text() == \
+        (root / "keras_split/codecs.py").read_text(), "copy keras_split/codecs.py to edge/"
 
 
 def test_logs_keep_their_order_across_the_wire():

@@ -52,12 +52,16 @@ class ExportedModel:
         if not path.exists():
             return False
         with np.load(path, allow_pickle=False) as data:
-            weights = [data[k] for k in sorted(k for k in data.files if k.startswith("w"))]
-            slots = [data[k] for k in sorted(k for k in data.files if k.startswith("s"))]
+            weights = [data[k] for k in sorted(k for k in data.files if _numbered(k, "w"))]
+            slots = [data[k] for k in sorted(k for k in data.files if _numbered(k, "s"))]
             step = float(data["step"])
         self.set_weights(weights)
         self.set_optimizer(slots, step)
         return True
+
+
+def _numbered(name: str, prefix: str) -> bool:
+    return name.startswith(prefix) and name[len(prefix):].isdigit()
 
 
 def _positional(names) -> list[str]:
@@ -198,7 +202,7 @@ class OnnxModel(ExportedModel):
             self._state[self._weight_key(group, index)] = np.asarray(value, np.float32)
 
     def get_optimizer(self):
-        slots = [self._state[k] for k in sorted(self._state) if k[0] == "o"]
+        slots = [self._state[k] for k in sorted(self._state) if _numbered(k, "o")]
         return slots, float(self._state["step"])
 
     def set_optimizer(self, slots, step):

@@ -20,17 +20,20 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from keras_split.export import ops
 from keras_split.export.optimizers import UnsupportedOptimizerError, from_keras
 from keras_split.export.program import ClientProgram, UnsupportedLayerError
 from keras_split.export.tflite import ExportError
 
 __all__ = [
+    "ClientProgram",
     "ExportError",
     "ExportReport",
     "UnsupportedLayerError",
     "UnsupportedOptimizerError",
     "export_client",
     "export_inference",
+    "ops",
 ]
 
 FORMATS = {".tflite": "tflite", ".onnx": "onnx"}

@@ -138,36 +138,70 @@ def tanh(x):
     return y, backward
 
 
-def max_pool(x, pool):
-    """Non-overlapping max pooling (strides equal to the pool size, VALID)."""
+def _interleave(parts, pool, x_shape):
+    """Inverse of taking `x[:, i::ph, j::pw]` for each window position (i, j):
+    put each part back at its positions; rows and columns pooling dropped get 0."""
+    ph, pw = pool
+    oh, ow, channels = parts[0].shape[1], parts[0].shape[2], x_shape[3]
+    if ph == pw:
+        # Channels ordered (i, j, c) are what depth_to_space spreads over a block.
+        return _pad_to(tf.nn.depth_to_space(tf.concat(parts, axis=3), ph), x_shape)
+    rows = []
+    for i in range(ph):
+        row = tf.stack(parts[i * pw: (i + 1) * pw], axis=3)  # [B, oh, ow, pw, C]
+        rows.append(tf.reshape(row, [-1, oh, ow * pw, channels]))
+    full = tf.reshape(tf.stack(rows, axis=2), [-1, oh * ph, ow * pw, channels])
+    return _pad_to(full, x_shape)
+
+
+def _pad_to(full, x_shape):
+    """Zero rows and columns for what pooling dropped at the bottom and right."""
+    extra_rows, extra_cols = x_shape[1] - full.shape[1], x_shape[2] - full.shape[2]
+    if extra_rows or extra_cols:
+        full = tf.pad(full, [[0, 0], [0, extra_rows], [0, extra_cols], [0, 0]])
+    return full
+
+
+def _windows(x, pool):
     ph, pw = pool
     oh, ow = x.shape[1] // ph, x.shape[2] // pw
+    kept = x[:, : oh * ph, : ow * pw, :]
+    return [kept[:, i::ph, j::pw, :] for i in range(ph) for j in range(pw)]
+
+
+def max_pool(x, pool):
+    """Non-overlapping max pooling (strides equal to the pool size, VALID)."""
 
     @tf.custom_gradient
     def forward(x):
-        kept = x[:, : oh * ph, : ow * pw, :]
-        windows = [kept[:, i::ph, j::pw, :] for i in range(ph) for j in range(pw)]
-        y = windows[0]
-        for window in windows[1:]:
-            y = tf.maximum(y, window)
+        # The builtin pooling op forward (fast everywhere); the windows only
+        # for the backward pass.
+        y = tf.nn.max_pool2d(x, pool, pool, "VALID")
 
         def backward(g):
-            # The whole gradient goes to the first maximum of each window.
-            taken = tf.zeros_like(y, dtype=tf.bool)
-            parts = []
-            for window in windows:
-                mask = tf.logical_and(tf.equal(window, y), tf.logical_not(taken))
-                taken = tf.logical_or(taken, mask)
-                parts.append(g * tf.cast(mask, g.dtype))
-            rows = []
-            for i in range(ph):
-                row = tf.stack(parts[i * pw: (i + 1) * pw], axis=3)  # [B, oh, ow, pw, C]
-                rows.append(tf.reshape(row, [-1, oh, ow * pw, x.shape[3]]))
-            full = tf.reshape(tf.stack(rows, axis=2), [-1, oh * ph, ow * pw, x.shape[3]])
-            extra_rows, extra_cols = x.shape[1] - oh * ph, x.shape[2] - ow * pw
-            if extra_rows or extra_cols:
-                full = tf.pad(full, [[0, 0], [0, extra_rows], [0, extra_cols], [0, 0]])
-            return full
+            # The whole gradient goes to the first maximum of each window. In
+            # float arithmetic (faster than boolean ops in LiteRT): `free` is 1
+            # until a window position has taken the gradient.
+            if pool[0] != pool[1]:
+                free, parts = tf.ones_like(g), []
+                for window in _windows(x, pool):
+                    share = free * tf.cast(tf.equal(window, y), g.dtype)
+                    free = free - share
+                    parts.append(g * share)
+                return _interleave(parts, pool, x.shape)
+            # Square windows: space_to_depth lays each window along the channels
+            # as (i, j, c), so one comparison covers the whole tensor.
+            size, channels = pool[0] * pool[1], x.shape[3]
+            kept = x[:, : y.shape[1] * pool[0], : y.shape[2] * pool[1], :]
+            blocks = tf.nn.space_to_depth(kept, pool[0])
+            equal = tf.cast(tf.equal(blocks, tf.tile(y, [1, 1, 1, size])), g.dtype)
+            free, shares = tf.ones_like(g), []
+            for k in range(size):
+                share = free * equal[..., k * channels: (k + 1) * channels]
+                free = free - share
+                shares.append(share)
+            spread = tf.concat(shares, axis=3) * tf.tile(g, [1, 1, 1, size])
+            return _pad_to(tf.nn.depth_to_space(spread, pool[0]), x.shape)
 
         return y, backward
 
@@ -176,11 +210,16 @@ def max_pool(x, pool):
 
 def average_pool(x, pool):
     """Non-overlapping average pooling (strides equal to the pool size, VALID)."""
-    ph, pw = pool
-    oh, ow = x.shape[1] // ph, x.shape[2] // pw
-    kept = x[:, : oh * ph, : ow * pw, :]
-    windows = [kept[:, i::ph, j::pw, :] for i in range(ph) for j in range(pw)]
-    return tf.add_n(windows) / float(ph * pw)
+    count = float(pool[0] * pool[1])
+
+    @tf.custom_gradient
+    def forward(x):
+        def backward(g):
+            return _interleave([g / count] * int(count), pool, x.shape)
+
+        return tf.add_n(_windows(x, pool)) / count, backward
+
+    return forward(x)
 
 
 def batch_norm_train(x, gamma, beta, epsilon):

@@ -20,7 +20,10 @@ class UnsupportedOptimizerError(ValueError):
 
 def _constant(optimizer, name):
     value = getattr(optimizer, name)
-    if isinstance(value, keras.optimizers.schedules.LearningRateSchedule) or callable(value):
+    # Keras keeps a schedule in `_learning_rate` and answers `learning_rate`
+    # with its current value.
+    stored = getattr(optimizer, f"_{name}", value)
+    if isinstance(stored, keras.optimizers.schedules.LearningRateSchedule) or callable(stored):
         raise UnsupportedOptimizerError(
             f"`{name}` is a schedule; the device update needs a constant. Export with a "
             "constant learning rate (a schedule on the device is not supported yet).")

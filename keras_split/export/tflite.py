@@ -37,12 +37,16 @@ def convert(module: DeviceModule, keys, optimizations=None, supported_types=None
             return converter.convert()
         except Exception as error:  # the converter raises several unrelated types
             text = str(error)
-            lines = [line for line in text.splitlines() if "op" in line.lower()][:8]
-            raise ExportError(
-                "The TFLite converter needs operations outside the builtin set for this "
-                "client half (the plain LiteRT runtime has no Flex delegate):\n  "
-                + "\n  ".join(lines or text.splitlines()[:8])
-            ) from None
+            needed = [line.split(":", 1)[1].strip() for line in text.splitlines()
+                      if line.startswith("TF Select ops:")]
+            if needed:
+                raise ExportError(
+                    f"This client half needs TensorFlow ops outside LiteRT's builtin set "
+                    f"({', '.join(needed)}); the plain LiteRT runtime has no Flex delegate "
+                    "to run them. A layer or gradient rule uses them: cut before it."
+                ) from None
+            raise ExportError(f"The TFLite converter failed: {text.splitlines()[:5]}") \
+                from None
 
 
 def interpreter(model: bytes):

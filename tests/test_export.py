@@ -1,0 +1,187 @@
+"""Export of client halves for devices: gradient rules against TensorFlow's own
+gradients, whole programs against Keras, export-time errors, quantized variants."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_split
+from keras_split.demo import build_demo_cnn
+from keras_split.export import (
+    UnsupportedLayerError,
+    UnsupportedOptimizerError,
+    export_client,
+    export_inference,
+    ops,
+)
+from keras_split.export.program import ClientProgram
+
+
+def _gradients(function, inputs, seed):
+    inputs = [tf.constant(v) for v in inputs]
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        y = function(*inputs)
+    g = tf.constant(np.random.default_rng(seed).normal(size=y.shape).astype("float32"))
+    return tape.gradient(y, inputs, output_gradients=g)
+
+
+@pytest.mark.parametrize(("size", "kernel", "strides", "padding"), [
+    (8, 3, (1, 1), "VALID"), (8, 3, (1, 1), "SAME"), (9, 3, (2, 2), "SAME"),
+    (9, 2, (2, 1), "VALID"), (7, 5, (2, 2), "VALID"), (10, 4, (3, 3), "SAME"),
+])
+def test_conv2d_gradients_match_tensorflow(rng, size, kernel, strides, padding):
+    x = rng.normal(size=(3, size, size + 1, 2)).astype("float32")
+    k = rng.normal(size=(kernel, kernel, 2, 4)).astype("float32")
+    mine = _gradients(lambda a, b: ops.conv2d(a, b, strides, padding), [x, k], 1)
+    theirs = _gradients(lambda a, b: tf.nn.conv2d(a, b, strides, padding), [x, k], 1)
+    for a, b in zip(mine, theirs, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pool", [(2, 2), (3, 3), (2, 3)])
+def test_max_pool_gradient_goes_to_the_first_maximum_like_tensorflow(rng, pool):
+    # Small integers make many ties inside windows.
+    x = rng.integers(0, 3, size=(2, 7, 8, 3)).astype("float32")
+    mine = _gradients(lambda a: ops.max_pool(a, pool), [x], 2)
+    theirs = _gradients(lambda a: tf.nn.max_pool2d(a, pool, pool, "VALID"), [x], 2)
+    np.testing.assert_array_equal(mine[0], theirs[0])
+
+
+@pytest.mark.parametrize(("name", "function", "reference"), [
+    ("relu", ops.relu, tf.nn.relu), ("sigmoid", ops.sigmoid, tf.math.sigmoid),
+    ("tanh", ops.tanh, tf.math.tanh), ("flatten", ops.flatten,
+                                       lambda a: tf.reshape(a, [-1, 60])),
+    ("average_pool", lambda a: ops.average_pool(a, (2, 2)),
+     lambda a: tf.nn.avg_pool2d(a, 2, 2, "VALID")),
+])
+def test_elementwise_and_shape_gradients(rng, name, function, reference):
+    x = rng.normal(size=(2, 4, 5, 3)).astype("float32")
+    x[0, 0, 0, 0] = 0.0  # ReLU's kink: TensorFlow gives it gradient 0
+    np.testing.assert_allclose(_gradients(function, [x], 3)[0], _gradients(reference, [x], 3)[0],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_dense_bias_and_batch_norm_gradients(rng):
+    x = rng.normal(size=(6, 5)).astype("float32")
+    k = rng.normal(size=(5, 3)).astype("float32")
+    b = rng.normal(size=(3,)).astype("float32")
+    mine = _gradients(lambda a, c, d: ops.bias_add(ops.matmul(a, c), d), [x, k, b], 4)
+    theirs = _gradients(lambda a, c, d: tf.matmul(a, c) + d, [x, k, b], 4)
+    for a, c in zip(mine, theirs, strict=True):
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
+    gamma, beta = rng.normal(size=3).astype("float32"), rng.normal(size=3).astype("float32")
+    x4 = rng.normal(size=(4, 3, 3, 3)).astype("float32")
+
+    def reference(a, g, c):
+        mean, variance = tf.nn.moments(a, [0, 1, 2])
+        return tf.nn.batch_normalization(a, mean, variance, c, g, 1e-3)
+
+    mine = _gradients(lambda a, g, c: ops.batch_norm_train(a, g, c, 1e-3)[0],
+                      [x4, gamma, beta], 5)
+    for a, c in zip(mine, _gradients(reference, [x4, gamma, beta], 5), strict=True):
+        np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
+
+
+def _bn_client():
+    # No bias before BatchNorm: its true gradient is zero, and Adam would turn
+    # the rounding noise in it into full-size steps (different noise, different
+    # steps, in any two implementations).
+    inputs = keras.Input((12, 12, 2))
+    x = keras.layers.Conv2D(4, 3, strides=2, padding="same", use_bias=False)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.AveragePooling2D(2)(x)
+    x = keras.layers.Flatten()(x)
+    outputs = keras.layers.Dense(6, activation="tanh")(x)
+    return keras.Model(inputs, outputs)
+
+
+def _two_input_client():
+    image = keras.Input((8, 8, 1), name="image")
+    table = keras.Input((5,), name="table")
+    a = keras.layers.Flatten()(keras.layers.MaxPooling2D()(
+        keras.layers.Conv2D(3, 3, activation="relu")(image)))
+    b = keras.layers.Dense(4, activation="sigmoid")(table)
+    c = keras.layers.Dense(4)(table)
+    return keras.Model([image, table], keras.layers.Concatenate()([a, keras.layers.Add()([b, c])]))
+
+
+def _demo_client():
+    return keras_split.split(build_demo_cnn(), "pool2").client
+
+
+@pytest.mark.parametrize("build", [_demo_client, _bn_client, _two_input_client])
+def test_program_matches_keras_forward_and_gradients(rng, build):
+    model = build()
+    program = ClientProgram(model)
+    x = [rng.integers(0, 256, (4, *t.shape[1:])).astype(t.dtype) if "int" in str(t.dtype)
+         else rng.normal(size=(4, *t.shape[1:])).astype("float32") for t in model.inputs]
+    params = [tf.convert_to_tensor(v.value) for v in program.trainable]
+    state = [tf.convert_to_tensor(v.value) for v in program.state]
+    for training in (False, True):
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            (mine,), _ = program.run(params, state, [tf.constant(v) for v in x], training)
+        g = rng.normal(size=mine.shape).astype("float32")
+        grads = tape.gradient(mine, params, output_gradients=g)
+        with tf.GradientTape() as tape:
+            theirs = model(x if len(x) > 1 else x[0], training=training)
+        want = tape.gradient(theirs, model.trainable_variables, output_gradients=g)
+        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-5)
+        for a, b in zip(grads, want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_layers_are_refused_at_export_naming_the_layer(tmp_path):
+    inputs = keras.Input((10, 3))
+    model = keras.Model(inputs, keras.layers.Conv1D(2, 3, name="wave")(inputs))
+    with pytest.raises(UnsupportedLayerError, match=r"Layer 'wave' \(Conv1D\) cannot be "
+                                                    r"exported .* no device rule for Conv1D"):
+        export_client(model, tmp_path / "c.tflite")
+
+    class Custom(keras.layers.Layer):
+        def call(self, x):
+            return x * 2
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, Custom(name="mine")(keras.layers.Dense(3)(inputs)))
+    with pytest.raises(UnsupportedLayerError, match=r"'mine' \(Custom\).*no device rule"):
+        export_client(model, tmp_path / "c.onnx")
+    inputs = keras.Input((8, 8, 1))
+    dilated = keras.Model(inputs, keras.layers.Conv2D(2, 3, dilation_rate=2, name="d")(inputs))
+    with pytest.raises(UnsupportedLayerError, match="'d'.*dilated"):
+        export_client(dilated, tmp_path / "c.tflite")
+    dropout = keras.Model(inputs, keras.layers.Dropout(0.5, name="drop")(
+        keras.layers.Flatten()(inputs)))
+    with pytest.raises(UnsupportedLayerError, match="'drop'.*random mask"):
+        export_client(dropout, tmp_path / "c.tflite")
+
+
+def test_bad_paths_and_optimizers_are_refused(tmp_path):
+    model = _bn_client()
+    with pytest.raises(ValueError, match=r"expected a path ending in .tflite or .onnx"):
+        export_client(model, tmp_path / "client.h5")
+    with pytest.raises(ValueError, match=r"must be written to a path ending in '.onnx'"):
+        export_client(model, tmp_path / "client.tflite", format="onnx")
+    with pytest.raises(UnsupportedOptimizerError, match="RMSprop is not supported"):
+        export_client(model, tmp_path / "client.tflite", optimizer=keras.optimizers.RMSprop())
+    with pytest.raises(UnsupportedOptimizerError, match="weight_decay"):
+        export_client(model, tmp_path / "client.tflite",
+                      optimizer=keras.optimizers.Adam(weight_decay=0.1))
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.9)
+    with pytest.raises(UnsupportedOptimizerError, match="schedule"):
+        export_client(model, tmp_path / "client.tflite",
+                      optimizer=keras.optimizers.SGD(schedule))
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+@pytest.mark.parametrize("quantize", [None, "float16", "int8"])
+def test_quantized_inference_variants(tmp_path, quantize):
+    model = _demo_client()
+    report = export_inference(model, tmp_path / f"client.{quantize}.tflite", quantize=quantize)
+    assert report.signatures == ["infer"]
+    bound = {None: 1e-5, "float16": 1e-2, "int8": 0.5}[quantize]
+    assert report.inference_error < bound
+    assert (tmp_path / f"client.{quantize}.tflite").stat().st_size == report.bytes
