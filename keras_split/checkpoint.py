@@ -100,6 +100,21 @@ def _array(entry, payload, path) -> np.ndarray:
     return values.astype(dtype.name)
 
 
+def cut_of(specs) -> list:
+    """The cut as a checkpoint header records it: [[dtype, shape], ...]."""
+    return [[s.dtype, list(s.shape)] for s in specs]
+
+
+def read_for(path, party: str, specs) -> tuple[dict, dict[str, np.ndarray]]:
+    """`read`, checking the checkpoint was written by this party for this cut."""
+    header, arrays = read(path)
+    cut = cut_of(specs)
+    if header.get("party") != party or header.get("cut") != cut:
+        raise CheckpointError(f"{path} was not written by a {party} with this cut ({cut}); "
+                              "use another checkpoint directory.")
+    return header, arrays
+
+
 def values_of(group: str, variables) -> dict[str, np.ndarray]:
     return {f"{group}/{i}": np.asarray(v.numpy()) for i, v in enumerate(variables)}
 

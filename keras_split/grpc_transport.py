@@ -236,12 +236,7 @@ class SplitClient(trainer.LoopOwner):
 
     def _restore(self, role: ClientRole, codec) -> dict:
         path = self.checkpoint_path
-        header, arrays = checkpoint.read(path)
-        cut = [[s.dtype, list(s.shape)] for s in self.cut_specs]
-        if header.get("party") != "client" or header.get("cut") != cut:
-            raise checkpoint.CheckpointError(
-                f"{path} was not written by a client with this cut ({cut}); use another "
-                "checkpoint directory.")
+        header, arrays = checkpoint.read_for(path, "client", self.cut_specs)
         if header["codec"] != codec.spec:
             raise ValueError(
                 f"{path} belongs to a session with compression {header['codec']!r}; compile "
@@ -254,7 +249,7 @@ class SplitClient(trainer.LoopOwner):
     def _save(self) -> None:
         if self.checkpoint_path is None:
             return
-        header = {"party": "client", "cut": [[s.dtype, list(s.shape)] for s in self.cut_specs],
+        header = {"party": "client", "cut": checkpoint.cut_of(self.cut_specs),
                   "step": self._step, "session_id": self.transport.session_id,
                   "codec": self.transport.codec.spec, "position": self._position}
         checkpoint.write(self.checkpoint_path, header, self.client_role.state(),

@@ -43,6 +43,7 @@ class ClientStep:
     activations: tuple
     regularization: tf.Tensor
     used: bool = field(default=False)
+    inputs: list | None = None  # watched inputs, when their gradient is wanted
 
 
 class ClientRole:
@@ -152,14 +153,25 @@ class ClientRole:
             del self._sends[key]
         return outcome["reply"], float(regularization)
 
-    def forward(self, x) -> ClientStep:
-        """Training forward pass: run the client half under a gradient tape."""
+    def forward(self, x, input_gradients: bool = False) -> ClientStep:
+        """Training forward pass: run the client half under a gradient tape.
+
+        With `input_gradients=True`, `backward` also returns the gradient with
+        respect to `x`: what a middle party of a chain sends back upstream.
+        """
+        inputs = None
+        if input_gradients:
+            inputs = [tf.convert_to_tensor(v) for v in as_tuple(x)]
+            x = inputs if isinstance(x, (list, tuple)) else inputs[0]
         # The compiled forward is recorded on the tape as one call; TensorFlow
         # keeps what its backward needs, so backward() does not recompute it
         # (Dropout masks and BatchNorm updates happen exactly once).
         with tf.GradientTape() as tape:
+            if inputs is not None:
+                tape.watch(inputs)
             activations, regularization = self._forward_train(x)
-        return ClientStep(tape=tape, activations=activations, regularization=regularization)
+        return ClientStep(tape=tape, activations=activations, regularization=regularization,
+                          inputs=inputs)
 
     def infer(self, x) -> tuple[tuple, tf.Tensor]:
         """Inference forward pass (no tape, `training=False`).
@@ -168,8 +180,12 @@ class ClientRole:
         """
         return self._forward_infer(x)
 
-    def backward(self, step: ClientStep, gradients) -> None:
-        """Finish backpropagation from the cut gradients and update the weights."""
+    def backward(self, step: ClientStep, gradients) -> tuple | None:
+        """Finish backpropagation from the cut gradients and update the weights.
+
+        Returns the gradients with respect to the inputs when the forward pass
+        was run with `input_gradients=True`, else None.
+        """
         if step.used:
             raise RuntimeError(
                 "This ClientStep was already used for a backward pass. Run forward() again "
@@ -178,9 +194,18 @@ class ClientRole:
         gradients = check_gradients(gradients, [np.asarray(a) for a in step.activations])
         step.used = True
         seeds = [tf.convert_to_tensor(g) for g in gradients]
-        self._apply(
-            self._variable_gradients(step.tape, step.activations, step.regularization, seeds)
-        )
+        if step.inputs is None:
+            self._apply(
+                self._variable_gradients(step.tape, step.activations, step.regularization, seeds)
+            )
+            return None
+        variables = self.model.trainable_variables
+        grads = step.tape.gradient(
+            list(step.activations) + [step.regularization], list(variables) + step.inputs,
+            output_gradients=seeds + [tf.ones(())])
+        self._apply(grads[: len(variables)])
+        return tuple(np.zeros(i.shape, i.dtype.as_numpy_dtype) if g is None else np.asarray(g)
+                     for g, i in zip(grads[len(variables):], step.inputs, strict=True))
 
 
 def check_gradients(gradients, activations) -> list[np.ndarray]:

@@ -356,19 +356,14 @@ class SplitServer:
             sessions = dict(self._sessions)
         replies = {f"reply/{sid}": np.frombuffer(s.cached.SerializeToString(), np.uint8)
                    for sid, s in sessions.items() if s.cached is not None}
-        header = {"party": "server", "cut": [[s.dtype, list(s.shape)] for s in self.cut_specs],
+        header = {"party": "server", "cut": checkpoint.cut_of(self.cut_specs),
                   "sessions": {sid: s.header() for sid, s in sessions.items()}}
         checkpoint.write(self.checkpoint_path, header, {**self.role.state(), **replies},
                          durable=self._durable)
 
     def _restore(self) -> None:
         path = self.checkpoint_path
-        header, arrays = checkpoint.read(path)
-        cut = [[s.dtype, list(s.shape)] for s in self.cut_specs]
-        if header.get("party") != "server" or header.get("cut") != cut:
-            raise checkpoint.CheckpointError(
-                f"{path} was not written by a server with this cut ({cut}); use another "
-                "checkpoint directory.")
+        header, arrays = checkpoint.read_for(path, "server", self.cut_specs)
         self.role.restore({k: v for k, v in arrays.items() if not k.startswith("reply/")}, path)
         for sid, fields in header["sessions"].items():
             session = _Session(client_id=fields["client_id"], codec=codecs.get(fields["codec"]),

@@ -264,6 +264,19 @@ class LoopOwner:
         ends the fit for good instead."""
         self.stop_training = self._interrupted = True
 
+    def export_client(self, path, format=None, optimizer=None):
+        """Export the client half for on-device training (see
+        `keras_split.export.export_client`). The device's optimizer defaults to a
+        fresh copy of this client's compiled optimizer."""
+        from keras_split.export import export_client
+
+        if optimizer is None:
+            if self.optimizer is None:
+                raise ValueError("Pass `optimizer=` (SGD or Adam), or compile() first so the "
+                                 "client's optimizer can be used on the device.")
+            optimizer = type(self.optimizer).from_config(self.optimizer.get_config())
+        return export_client(self.client, path, format=format, optimizer=optimizer)
+
     # Hooks for parties that checkpoint (see `SplitClient`); no-ops here.
 
     def _resume_position(self, fingerprint: dict) -> dict | None:

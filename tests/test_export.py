@@ -185,3 +185,13 @@ def test_quantized_inference_variants(tmp_path, quantize):
     bound = {None: 1e-5, "float16": 1e-2, "int8": 0.5}[quantize]
     assert report.inference_error < bound
     assert (tmp_path / f"client.{quantize}.tflite").stat().st_size == report.bytes
+
+
+def test_split_model_exports_its_client_with_its_optimizer(tmp_path):
+    split = keras_split.split(build_demo_cnn(), "pool2")
+    with pytest.raises(ValueError, match="Pass `optimizer=`"):
+        split.export_client(tmp_path / "client.tflite")
+    split.compile(optimizer=keras.optimizers.Adam(2e-3), loss="mse")
+    report = split.export_client(tmp_path / "client.tflite")
+    assert report.train_step_error < 1e-5 and report.signatures[:3] == ["infer", "forward",
+                                                                        "train"]
