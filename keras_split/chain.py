@@ -13,10 +13,11 @@ split step of `protocol` at every hop:
 
 **U-shaped** (`labels="client"`): the client holds the first and the last
 segments and the labels; the server holds the middle. The labels never leave
-the client: the client's transport keeps them in a local `LabelStore` (by step)
-and sends the activations without them; the client's own last segment takes
-them back from the store when the middle's activations come round. Only cut
-activations and cut gradients cross the wire.
+the client: the client's transport keeps them in a local `LabelStore` and sends
+the activations without them; the client's own last segment takes them back
+from the store when the middle's activations come round, and leaves its loss,
+metrics and predictions there for the client. Only cut activations and cut
+gradients cross the wire.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ class LabelStore:
 
     def __init__(self):
         self._pending: collections.deque = collections.deque()
+        self._results: collections.deque = collections.deque()
 
     def put(self, labels, sample_weight) -> None:
         self._pending.append((labels, sample_weight))
@@ -104,6 +106,13 @@ class LabelStore:
             raise RuntimeError("A message reached the client's last segment with no labels "
                                "kept for it: the U-shaped chain lost track of its steps.")
         return self._pending.popleft()
+
+    def keep_result(self, logs, outputs) -> None:
+        """The last segment's loss, metrics and predictions: they stay local too."""
+        self._results.append((logs, outputs))
+
+    def result(self):
+        return self._results.popleft()
 
 
 class KeepLabels(Transport):
@@ -116,8 +125,10 @@ class KeepLabels(Transport):
 
     def exchange(self, message: Activations) -> Reply:
         self.store.put(message.labels, message.sample_weight)
-        return self.inner.exchange(dataclasses.replace(message, labels=None,
-                                                       sample_weight=None))
+        reply = self.inner.exchange(dataclasses.replace(message, labels=None,
+                                                        sample_weight=None))
+        logs, outputs = self.store.result()
+        return dataclasses.replace(reply, logs=logs, outputs=outputs)
 
     def _exchange(self, message):  # pragma: no cover - exchange() is overridden
         raise NotImplementedError
@@ -131,8 +142,12 @@ class JoinLabels:
 
     def handle(self, message: Activations) -> Reply:
         labels, sample_weight = self.store.take()
-        return self.role.handle(dataclasses.replace(message, labels=labels,
-                                                    sample_weight=sample_weight))
+        reply = self.role.handle(dataclasses.replace(message, labels=labels,
+                                                     sample_weight=sample_weight))
+        # Only the cut gradient goes back through the server; the loss, metrics
+        # and predictions reach the client through its own store.
+        self.store.keep_result(reply.logs, reply.outputs)
+        return Reply(step=reply.step, gradients=reply.gradients)
 
 
 class SplitChain(trainer.LoopOwner):

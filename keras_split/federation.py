@@ -1,0 +1,188 @@
+"""Many clients: round-robin split learning and SplitFed.
+
+**Round-robin** (Gupta & Raskar 2018): K clients, each with its own data, train
+in turn against one server. Before its turn a client receives the latest client
+half, either peer to peer from the previous client (`handoff="peer"`: only
+clients ever see client weights) or through the server (`handoff="server"`:
+simpler to run, but the server then sees the client half's weights). With a
+stateless optimizer (SGD) K clients in turn are exactly centralized training on
+their data in the same order.
+
+**SplitFed** (Thapa et al. 2022): in each round the K clients train from the
+same client half, in parallel in principle; the client halves are then averaged
+(FedAvg, weighted by sample counts). SFLv1 keeps one copy of the server half per
+client and averages those too; SFLv2 trains one shared server half, the clients'
+steps in sequence.
+
+**Dropouts**: a client whose link fails during its turn (`ConnectionError`,
+`TimeoutError`) is skipped for the round: its partial client update is
+discarded, the round completes with the others, and it takes part again in the
+next round. (Server steps it completed before failing stay applied, as they
+would on a real server; SFLv1 discards that client's server copy instead.)
+
+Every client is the one split step of `protocol`: a `ClientRole` and a
+transport to a `ServerRole`. Here all parties run in one process.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import keras
+import numpy as np
+
+from keras_split.roles import ServerRole
+from keras_split.split_model import SplitModel
+from keras_split.transport import InProcessTransport, Transport
+
+logger = logging.getLogger("keras_split.federation")
+FAILURES = (ConnectionError, TimeoutError)
+
+
+def _clone(model: keras.Model) -> keras.Model:
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def fedavg(weight_sets: list[list[np.ndarray]], counts: list[int]) -> list[np.ndarray]:
+    """The sample-weighted average of several weight lists (FedAvg)."""
+    if not weight_sets:
+        raise ValueError("No weights to average: every client dropped out of the round.")
+    total = float(sum(counts))
+    return [sum(w[i] * (n / total) for w, n in zip(weight_sets, counts, strict=True))
+            .astype(weight_sets[0][i].dtype) for i in range(len(weight_sets[0]))]
+
+
+class _Federation:
+    def __init__(self, client: keras.Model, server: keras.Model, clients: int):
+        if not isinstance(clients, int) or clients < 1:
+            raise ValueError(f"`clients` must be a positive integer, received {clients!r}.")
+        self.client_model, self.server_model, self.count = client, server, clients
+        self.clients: list[SplitModel] = []
+        self.history: list[dict] = []
+        self.wrap = None
+
+    def _link(self, index: int, role) -> Transport:
+        transport = InProcessTransport(role)
+        return self.wrap(index, transport) if self.wrap else transport
+
+    def _check_shards(self, shards):
+        if len(shards) != self.count:
+            raise ValueError(f"Give one (x, y) shard per client: {self.count} clients, "
+                             f"received {len(shards)} shards.")
+
+
+class RoundRobin(_Federation):
+    """K clients in turn against one server; see the module doc.
+
+    Args:
+        client, server: the two halves (`split.client`, `split.server`); each
+            client trains its own copy of the client half.
+        clients: K.
+        handoff: "peer" or "server".
+    """
+
+    def __init__(self, client, server, clients: int, handoff: str = "peer"):
+        super().__init__(client, server, clients)
+        if handoff not in ("peer", "server"):
+            raise ValueError(f"`handoff` must be 'peer' or 'server', received {handoff!r}.")
+        self.handoff = handoff
+        self.weights_seen_by: set[str] = set()
+
+    def compile(self, optimizer="sgd", loss=None, metrics=None, transport_wrapper=None):
+        """`transport_wrapper(index, transport)` may wrap each client's link
+        (to observe it, or to simulate failures)."""
+        self.wrap = transport_wrapper
+        self.server_role = ServerRole(self.server_model, optimizer, loss, metrics)
+        self.clients = []
+        for index in range(self.count):
+            party = SplitModel(client=_clone(self.client_model), server=self.server_model)
+            party.compile(optimizer, transport=self._link(index, self.server_role))
+            self.clients.append(party)
+        self.latest = self.client_model.get_weights()
+
+    def fit(self, shards, rounds=1, batch_size=32, shuffle=False, seed=None, verbose=0):
+        """Each round, every client trains one epoch on its shard, in turn."""
+        self._check_shards(shards)
+        for number in range(rounds):
+            record = {"round": number + 1, "dropped": [], "loss": {}}
+            for index, (party, (x, y)) in enumerate(zip(self.clients, shards, strict=True)):
+                # The hand-off: the latest client half reaches this client.
+                self.weights_seen_by.add("server" if self.handoff == "server" else "clients")
+                party.client.set_weights(self.latest)
+                try:
+                    history = party.fit(x, y, batch_size=batch_size, epochs=1, shuffle=shuffle,
+                                        seed=seed, verbose=verbose)
+                except FAILURES as error:
+                    logger.warning("Client %d dropped out of round %d: %s", index, number + 1,
+                                   error)
+                    record["dropped"].append(index)
+                    continue
+                self.latest = party.client.get_weights()
+                record["loss"][index] = history.history["loss"][-1]
+            self.history.append(record)
+        self.client_model.set_weights(self.latest)
+        return self.history
+
+
+class SplitFed(_Federation):
+    """K clients per round from the same client half, then FedAvg; see the module doc.
+
+    Args:
+        client, server: the two halves.
+        clients: K.
+        version: 1 (a server copy per client, averaged too) or 2 (one shared
+            server half, trained by the clients' steps in sequence).
+    """
+
+    def __init__(self, client, server, clients: int, version: int = 1):
+        super().__init__(client, server, clients)
+        if version not in (1, 2):
+            raise ValueError(f"`version` must be 1 (SFLv1) or 2 (SFLv2), received {version!r}.")
+        self.version = version
+
+    def compile(self, optimizer="sgd", loss=None, metrics=None, transport_wrapper=None):
+        self.wrap = transport_wrapper
+        self.clients, self.server_copies, self.server_roles = [], [], []
+        for index in range(self.count):
+            server = _clone(self.server_model) if self.version == 1 else self.server_model
+            if self.version == 1 or index == 0:
+                role = ServerRole(server, optimizer, loss, metrics)
+            self.server_copies.append(server)
+            self.server_roles.append(role)
+            party = SplitModel(client=_clone(self.client_model), server=server)
+            party.compile(optimizer, transport=self._link(index, role))
+            self.clients.append(party)
+
+    def fit(self, shards, rounds=1, batch_size=32, local_epochs=1, shuffle=False, seed=None,
+            verbose=0):
+        """Each round: every client trains `local_epochs` on its shard from the
+        round's client half (and server half, SFLv1); then both are averaged."""
+        self._check_shards(shards)
+        for number in range(rounds):
+            start_client = self.client_model.get_weights()
+            start_server = self.server_model.get_weights()
+            trained, servers, counts, record = [], [], [], {"round": number + 1, "dropped": []}
+            for index, party in enumerate(self.clients):
+                x, y = shards[index]
+                party.client.set_weights(start_client)
+                if self.version == 1:
+                    self.server_copies[index].set_weights(start_server)
+                try:
+                    party.fit(x, y, batch_size=batch_size, epochs=local_epochs,
+                              shuffle=shuffle, seed=seed, verbose=verbose)
+                except FAILURES as error:
+                    logger.warning("Client %d dropped out of round %d: %s", index, number + 1,
+                                   error)
+                    record["dropped"].append(index)
+                    continue
+                trained.append(party.client.get_weights())
+                servers.append(self.server_copies[index].get_weights())
+                counts.append(len(x))
+            self.client_model.set_weights(fedavg(trained, counts))
+            if self.version == 1:
+                self.server_model.set_weights(fedavg(servers, counts))
+            record["clients"] = len(trained)
+            self.history.append(record)
+        return self.history

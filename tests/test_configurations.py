@@ -1,0 +1,269 @@
+"""The seed papers' configurations, each against an independent reference: the
+unsplit model trained on the same data in the same order, or a hand-computed
+average."""
+
+import dataclasses
+
+import keras
+import numpy as np
+import pytest
+from sklearn.datasets import load_breast_cancer
+
+import keras_split
+from keras_split import sharding
+from keras_split.chain import split_chain
+from keras_split.federation import RoundRobin, SplitFed, fedavg
+from keras_split.multitask import split_multitask
+from keras_split.transport import Transport
+from keras_split.vertical import split_vertical
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _mlp(seed=0):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((10,))
+    x = keras.layers.Dense(8, activation="relu", name="a")(inputs)
+    x = keras.layers.Dense(8, activation="tanh", name="b")(x)
+    x = keras.layers.Dense(6, activation="relu", name="c")(x)
+    return keras.Model(inputs, keras.layers.Dense(3, name="out")(x))
+
+
+def _data(rng, n=64):
+    return rng.normal(size=(n, 10)).astype("float32"), rng.integers(0, 3, n)
+
+
+def _reference_fit(build, x, y, optimizer=lambda: keras.optimizers.SGD(0.1), **kwargs):
+    model = build()
+    model.compile(optimizer(), loss=kwargs.pop("loss", LOSS))
+    history = model.fit(x, y, batch_size=8, shuffle=False, verbose=0, **kwargs)
+    return model, history
+
+
+def _assert_weights(got, want, atol=1e-5):
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=atol)
+
+
+class Recorder(Transport):
+    """Wraps a hop and records every message and reply that crosses it."""
+
+    def __init__(self, inner, log):
+        super().__init__()
+        self.inner, self.log = inner, log
+        self.bytes = inner.bytes
+
+    def exchange(self, message):
+        reply = self.inner.exchange(message)
+        self.log.append((message, reply))
+        return reply
+
+    def _exchange(self, message):  # pragma: no cover
+        raise NotImplementedError
+
+
+@pytest.mark.parametrize("optimizer", [lambda: keras.optimizers.SGD(0.1),
+                                       lambda: keras.optimizers.Adam(1e-2)], ids=["sgd", "adam"])
+def test_multi_hop_chain_equals_unsplit(rng, optimizer):
+    x, y = _data(rng)
+    model = _mlp()
+    chain = split_chain(model, ["a", "b"])
+    chain.compile(optimizer(), LOSS)
+    assert chain.parties == ["client", "party 1", "server"]
+    got = chain.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+    reference, want = _reference_fit(_mlp, x, y, optimizer)
+    assert got.history["loss"][0] == pytest.approx(want.history["loss"][0], rel=1e-5)
+    _assert_weights(model.get_weights(), reference.get_weights())
+    np.testing.assert_allclose(chain.predict(x, verbose=0), reference.predict(x, verbose=0),
+                               atol=1e-5)
+
+
+def test_u_shaped_keeps_labels_and_loss_on_the_client(rng):
+    x, y = _data(rng)
+    model = _mlp()
+    chain = split_chain(model, ["a", "c"])
+    log = []
+    chain.compile(keras.optimizers.SGD(0.1), LOSS, labels="client", metrics=["accuracy"],
+                  transports=[lambda t: Recorder(t, log), lambda t: Recorder(t, log)])
+    assert chain.parties == ["client", "server", "client"]
+    got = chain.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+    predictions = chain.predict(x[:5], verbose=0)
+    evaluation = chain.evaluate(x, y, verbose=0, return_dict=True)
+    reference, want = _reference_fit(_mlp, x, y)
+    _assert_weights(model.get_weights(), reference.get_weights())
+    assert got.history["loss"][0] == pytest.approx(want.history["loss"][0], rel=1e-5)
+    np.testing.assert_allclose(predictions, reference.predict(x[:5], verbose=0), atol=1e-5)
+    assert {"loss", "accuracy"} <= set(evaluation)
+    # Everything that crossed either hop: cut activations up, cut gradients down.
+    cut_shapes = {tuple(s.shape[1:]) for specs in chain.cut_specs for s in specs}
+    assert len(log) == 2 * (8 + 1 + 2)  # both hops: 8 training steps, 1 predict, 2 evaluate
+    for message, reply in log:
+        assert message.labels is None and message.sample_weight is None
+        assert reply.outputs is None and reply.logs == {}
+        assert all(a.shape[1:] in cut_shapes for a in message.tensors)
+        assert all(g.shape[1:] in cut_shapes for g in reply.gradients)
+
+
+def test_multi_task_heads_equal_the_unsplit_multi_output_model(rng):
+    def build():
+        keras.utils.set_random_seed(3)
+        inputs = keras.Input((10,))
+        body = keras.layers.Dense(8, activation="relu", name="body")(inputs)
+        a = keras.layers.Dense(3, name="a")(keras.layers.Dense(5, name="head_a")(body))
+        b = keras.layers.Dense(1, name="b")(body)
+        return keras.Model(inputs, {"a": a, "b": b})
+
+    x, y = _data(rng)
+    labels = {"a": y, "b": rng.normal(size=(64, 1)).astype("float32")}
+    model = build()
+    split = split_multitask(model, "body")
+    split.compile(keras.optimizers.SGD(0.1), {"a": LOSS, "b": "mse"})
+    got = split.fit(x, labels, batch_size=8, shuffle=False, verbose=0)
+    reference, want = _reference_fit(build, x, labels, loss={"a": LOSS, "b": "mse"})
+    _assert_weights(model.get_weights(), reference.get_weights())
+    assert got.history["loss"][0] == pytest.approx(want.history["loss"][0], rel=1e-5)
+    assert {"a_loss", "b_loss"} <= set(got.history)
+    with pytest.raises(ValueError, match="must name every head"):
+        split.compile("sgd", {"a": LOSS})
+
+
+def _breast_cancer_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    inputs, branches = [], []
+    for name in ("mean", "error", "worst"):
+        features = keras.Input((10,), name=name)
+        inputs.append(features)
+        branches.append(keras.layers.Dense(8, activation="relu", name=f"{name}_branch")(features))
+    merged = keras.layers.Concatenate(name="merge")(branches)
+    hidden = keras.layers.Dense(8, activation="relu")(merged)
+    return keras.Model(inputs, keras.layers.Dense(2)(hidden))
+
+
+def test_vertical_breast_cancer_three_hospitals_match_unsplit():
+    data = load_breast_cancer()
+    x = (data.data - data.data.mean(0)) / data.data.std(0)
+    x, y = x.astype("float32"), data.target
+    order = np.random.default_rng(0).permutation(len(x))
+    train, test = order[:450], order[450:]
+    groups = [slice(0, 10), slice(10, 20), slice(20, 30)]  # mean, standard error, worst
+    parties = sharding.split_columns(x, groups)
+    model = _breast_cancer_model()
+    vertical = split_vertical(model, ["mean_branch", "error_branch", "worst_branch"])
+    vertical.compile(keras.optimizers.Adam(1e-2), LOSS, metrics=["accuracy"])
+    vertical.fit([p[train] for p in parties], y[train], batch_size=32, epochs=5, shuffle=False,
+                 verbose=0)
+    got = vertical.evaluate([p[test] for p in parties], y[test], verbose=0, return_dict=True)
+    reference = _breast_cancer_model()
+    reference.compile(keras.optimizers.Adam(1e-2), LOSS, metrics=["accuracy"])
+    reference.fit([p[train] for p in parties], y[train], batch_size=32, epochs=5,
+                  shuffle=False, verbose=0)
+    _, want = reference.evaluate([p[test] for p in parties], y[test], verbose=0)
+    assert abs(got["accuracy"] - want) <= 0.01
+    assert got["accuracy"] > 0.9
+    _assert_weights(model.get_weights(), reference.get_weights(), atol=1e-4)
+    with pytest.raises(ValueError, match="one cut per input"):
+        split_vertical(_breast_cancer_model(), ["mean_branch"])
+    with pytest.raises(ValueError, match=r"is not minimal"):
+        split_vertical(_breast_cancer_model(), ["merge", "error_branch", "worst_branch"])
+
+
+def test_round_robin_equals_centralized_training_in_the_same_order(rng):
+    x, y = _data(rng, 96)
+    shards = [(x[i * 32:(i + 1) * 32], y[i * 32:(i + 1) * 32]) for i in range(3)]
+    for handoff in ("peer", "server"):
+        model = _mlp()
+        split = keras_split.split(model, "b")
+        rr = RoundRobin(split.client, split.server, 3, handoff=handoff)
+        rr.compile(keras.optimizers.SGD(0.1), LOSS)
+        rr.fit(shards, rounds=2, batch_size=8)
+        assert rr.weights_seen_by == ({"clients"} if handoff == "peer" else {"server"})
+        reference, _ = _reference_fit(_mlp, np.concatenate([x, x]), np.concatenate([y, y]))
+        _assert_weights(model.get_weights(), reference.get_weights())
+
+
+class FailAt(Transport):
+    """A client's link that fails at one of its steps, once (a killed process)."""
+
+    def __init__(self, inner, at):
+        super().__init__()
+        self.inner, self.at, self.calls = inner, at, 0
+        self.bytes = inner.bytes
+
+    def exchange(self, message):
+        self.calls += 1
+        if self.calls == self.at:
+            raise ConnectionError("client process killed")
+        return self.inner.exchange(message)
+
+    def _exchange(self, message):  # pragma: no cover
+        raise NotImplementedError
+
+
+def test_splitfed_v1_averages_like_independent_clients(rng):
+    x, y = _data(rng, 96)
+    shards = [(x[:24], y[:24]), (x[24:56], y[24:56]), (x[56:], y[56:])]  # unequal sizes
+    model = _mlp()
+    start = model.get_weights()
+    split = keras_split.split(model, "b")
+    fed = SplitFed(split.client, split.server, 3, version=1)
+    fed.compile(keras.optimizers.SGD(0.1), LOSS)
+    fed.fit(shards, rounds=1, batch_size=8)
+    # Reference: each client alone, from the same start, with its own server copy.
+    trained = []
+    for xs, ys in shards:
+        alone, _ = _reference_fit(_mlp, xs, ys)  # _mlp() has the same start weights
+        trained.append(alone.get_weights())
+    want = fedavg(trained, [24, 32, 40])
+    _assert_weights(model.get_weights(), want)
+    assert model.get_weights()[0] is not start[0]
+
+
+def test_splitfed_and_round_robin_complete_rounds_without_a_dropped_client(rng):
+    x, y = _data(rng, 96)
+    shards = [(x[i * 32:(i + 1) * 32], y[i * 32:(i + 1) * 32]) for i in range(3)]
+    for version in (1, 2):
+        model = _mlp()
+        split = keras_split.split(model, "b")
+        fed = SplitFed(split.client, split.server, 3, version=version)
+        fed.compile(keras.optimizers.SGD(0.1), LOSS,
+                    transport_wrapper=lambda i, t: FailAt(t, 2) if i == 1 else t)
+        history = fed.fit(shards, rounds=2, batch_size=8)
+        assert history[0]["dropped"] == [1] and history[0]["clients"] == 2
+        assert history[1]["dropped"] == [] and history[1]["clients"] == 3  # it rejoined
+    model = _mlp()
+    split = keras_split.split(model, "b")
+    rr = RoundRobin(split.client, split.server, 3)
+    rr.compile(keras.optimizers.SGD(0.1), LOSS,
+               transport_wrapper=lambda i, t: FailAt(t, 3) if i == 0 else t)
+    history = rr.fit(shards, rounds=2, batch_size=8)
+    assert history[0]["dropped"] == [0] and set(history[0]["loss"]) == {1, 2}
+    assert set(history[1]["loss"]) == {0, 1, 2}
+
+
+def test_sharding_helpers(rng):
+    x, y = rng.normal(size=(300, 4)), rng.integers(0, 3, 300)
+    iid = sharding.shard_iid(x, y, 4, seed=0)
+    assert sorted(len(s[0]) for s in iid) == [75, 75, 75, 75]
+    assert sorted(np.concatenate([s[1] for s in iid]).tolist()) == sorted(y.tolist())
+    skewed = sharding.shard_dirichlet(x, y, 4, alpha=0.1, seed=0)
+    assert sum(len(s[0]) for s in skewed) == 300
+    # Label skew: with alpha=0.1 most clients are dominated by one class.
+    dominant = [np.bincount(s[1], minlength=3).max() / len(s[1]) for s in skewed]
+    assert np.median(dominant) > 0.7
+    balanced = sharding.shard_dirichlet(x, y, 4, alpha=1000, seed=0)
+    assert max(np.bincount(s[1], minlength=3).max() / len(s[1]) for s in balanced) < 0.5
+    a, b = sharding.split_columns(x, [[0, 2], [1, 3]])
+    np.testing.assert_array_equal(a, x[:, [0, 2]])
+    with pytest.raises(ValueError, match="overlap"):
+        sharding.split_columns(x, [[0, 1], [1, 2]])
+    with pytest.raises(ValueError, match="`clients` must be an integer"):
+        sharding.shard_iid(x, y, 0)
+
+
+def test_chain_errors():
+    with pytest.raises(ValueError, match=r"Cut 2 of 2 \('a'\)"):
+        split_chain(_mlp(), ["b", "a"])
+    chain = split_chain(_mlp(), ["a"])
+    with pytest.raises(ValueError, match="U-shaped learning .* needs at least two cuts"):
+        chain.compile("sgd", LOSS, labels="client")
+    assert dataclasses.is_dataclass(chain) is False
