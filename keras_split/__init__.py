@@ -14,20 +14,31 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 # ruff: noqa: E402
 
-from keras_split import codecs, datasets
+from keras_split import codecs, datasets, sharding
+from keras_split.chain import RelayRole, SplitChain, split_chain
+from keras_split.federation import RoundRobin, SplitFed, fedavg
 from keras_split.grpc_transport import GrpcTransport, ServerError, SplitClient
 from keras_split.messages import Activations, Reply
+from keras_split.multitask import FanOut, MultiTaskSplit, split_multitask
 from keras_split.partition import CutCandidate, CutSpec, cut_candidates
 from keras_split.roles import ClientRole, ClientStep, ServerRole
 from keras_split.server import SplitServer
 from keras_split.split_model import SplitModel, split
 from keras_split.transport import ByteCounter, InProcessTransport, Transport
+from keras_split.vertical import VerticalSplit, split_vertical
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Activations",
     "ByteCounter",
+    "FanOut",
+    "MultiTaskSplit",
+    "RelayRole",
+    "RoundRobin",
+    "SplitChain",
+    "SplitFed",
+    "VerticalSplit",
     "ClientRole",
     "ClientStep",
     "CutCandidate",
@@ -44,5 +55,10 @@ __all__ = [
     "codecs",
     "cut_candidates",
     "datasets",
+    "fedavg",
+    "sharding",
     "split",
+    "split_chain",
+    "split_multitask",
+    "split_vertical",
 ]

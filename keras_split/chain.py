@@ -149,6 +149,12 @@ class JoinLabels:
         self.store.keep_result(reply.logs, reply.outputs)
         return Reply(step=reply.step, gradients=reply.gradients)
 
+    def state(self):
+        return self.role.state()
+
+    def restore(self, arrays, path) -> None:
+        self.role.restore(arrays, path)
+
 
 class SplitChain(trainer.LoopOwner):
     """A model cut into segments; see the module doc and `split_chain`.

@@ -243,6 +243,10 @@ class SplitServer:
         certificate, private_key: PEM (bytes or a path) for TLS.
         client_ca: PEM of the CA that signs client certificates (mutual TLS).
         insecure: serve without TLS (logs a warning). Only for loopback tests.
+        role: what handles the validated messages, instead of a `ServerRole`
+            built from `loss`: a `RelayRole` makes this server a middle party of
+            a chain (multi-hop), a `JoinLabels` the client's own last segment of
+            a U-shaped chain. It needs `handle`, `state` and `restore`.
         max_batch_size: the largest batch a client may send; sets the message limit.
         checkpoint_dir: a folder for `server.ckpt`, rewritten after every step
             (before its reply is sent) and on `stop()`: weights, optimizer and
@@ -264,7 +268,8 @@ class SplitServer:
     ```
     """
 
-    def __init__(self, model, loss, optimizer="rmsprop", metrics=None, loss_weights=None, *,
+    def __init__(self, model, loss=None, optimizer="rmsprop", metrics=None, loss_weights=None,
+                 *, role=None,
                  tokens: dict[str, str] | None = None, address: str = "127.0.0.1:0",
                  certificate=None,
                  private_key=None, client_ca=None, insecure: bool = False,
@@ -282,7 +287,12 @@ class SplitServer:
                 "paths), or insecure=True to serve in plaintext (loopback testing only)."
             )
         self.cut_specs: list[CutSpec] = [spec_of(t.name, t) for t in model.inputs]
-        self.role = ServerRole(model, optimizer, loss, metrics, loss_weights)
+        if role is None:
+            if loss is None:
+                raise ValueError("`SplitServer` needs a `loss` for its ServerRole, or a `role` "
+                                 "(e.g. a keras_split.chain.RelayRole for a middle party).")
+            role = ServerRole(model, optimizer, loss, metrics, loss_weights)
+        self.role = role
         self.max_batch_size = max_batch_size
         unknown = set(allowed_compression) - set(codecs.NAMES)
         if unknown:

@@ -267,3 +267,66 @@ def test_chain_errors():
     with pytest.raises(ValueError, match="U-shaped learning .* needs at least two cuts"):
         chain.compile("sgd", LOSS, labels="client")
     assert dataclasses.is_dataclass(chain) is False
+
+
+# -- over gRPC: each party its own server ------------------------------------------
+
+
+def _grpc_server(model, **options):
+    return keras_split.SplitServer(model, tokens={"t": "party"}, insecure=True,
+                                   **options).start()
+
+
+def _link(server, specs):
+    transport = keras_split.GrpcTransport(f"127.0.0.1:{server.port}", "t", insecure=True)
+    transport.open(specs)
+    return transport
+
+
+def test_multi_hop_over_grpc_equals_unsplit(rng):
+    from keras_split.chain import RelayRole
+
+    x, y = _data(rng)
+    model = _mlp()
+    first, middle, last = split_chain(model, ["a", "b"]).segments
+    end = _grpc_server(last, loss=LOSS, optimizer=keras.optimizers.SGD(0.1))
+    relay = RelayRole(middle, keras.optimizers.SGD(0.1),
+                      _link(end, [keras_split.partition.spec_of("b", t) for t in last.inputs]))
+    hop = _grpc_server(middle, role=relay)
+    try:
+        client = keras_split.SplitClient(first, server=f"127.0.0.1:{hop.port}", token="t",
+                                         insecure=True)
+        client.compile(keras.optimizers.SGD(0.1))
+        client.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+    finally:
+        hop.stop()
+        end.stop()
+    reference, _ = _reference_fit(_mlp, x, y)
+    _assert_weights(model.get_weights(), reference.get_weights())
+
+
+def test_u_shaped_over_grpc_keeps_labels_on_the_client(rng):
+    from keras_split.chain import JoinLabels, KeepLabels, LabelStore, RelayRole
+    from keras_split.roles import ServerRole
+
+    x, y = _data(rng)
+    model = _mlp()
+    head, body, tail = split_chain(model, ["a", "c"]).segments
+    store = LabelStore()
+    # The client serves its own tail (it holds the labels); the server relays to it.
+    tail_server = _grpc_server(tail, role=JoinLabels(
+        ServerRole(tail, keras.optimizers.SGD(0.1), LOSS), store))
+    relay = RelayRole(body, keras.optimizers.SGD(0.1), _link(
+        tail_server, [keras_split.partition.spec_of("c", t) for t in tail.inputs]))
+    body_server = _grpc_server(body, role=relay)
+    try:
+        client = keras_split.SplitClient(head, server=f"127.0.0.1:{body_server.port}",
+                                         token="t", insecure=True)
+        client.compile(keras.optimizers.SGD(0.1))
+        client.transport = KeepLabels(client.transport, store)
+        client.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+    finally:
+        body_server.stop()
+        tail_server.stop()
+    reference, _ = _reference_fit(_mlp, x, y)
+    _assert_weights(model.get_weights(), reference.get_weights())
