@@ -62,10 +62,17 @@ class _Federation:
         self.clients: list[SplitModel] = []
         self.history: list[dict] = []
         self.wrap = None
+        self.transports = None
 
     def _link(self, index: int, role) -> Transport:
-        transport = InProcessTransport(role)
+        transport = self.transports[index] if self.transports else InProcessTransport(role)
         return self.wrap(index, transport) if self.wrap else transport
+
+    def _set_transports(self, transports):
+        if transports is not None and len(transports) != self.count:
+            raise ValueError(f"Give one transport per client: {self.count} clients, received "
+                             f"{len(transports)}.")
+        self.transports = transports
 
     def _check_shards(self, shards):
         if len(shards) != self.count:
@@ -90,11 +97,20 @@ class RoundRobin(_Federation):
         self.handoff = handoff
         self.weights_seen_by: set[str] = set()
 
-    def compile(self, optimizer="sgd", loss=None, metrics=None, transport_wrapper=None):
-        """`transport_wrapper(index, transport)` may wrap each client's link
-        (to observe it, or to simulate failures)."""
+    def compile(self, optimizer="sgd", loss=None, metrics=None, transport_wrapper=None,
+                transports=None):
+        """Args:
+            optimizer, loss, metrics: as in `SplitModel.compile`.
+            transport_wrapper: `f(index, transport)` may wrap each client's link
+                (to observe it, or to simulate failures).
+            transports: one open transport per client to a remote server (e.g.
+                `GrpcTransport`s, one session each); the server half and loss
+                then live there. By default all run in this process.
+        """
         self.wrap = transport_wrapper
-        self.server_role = ServerRole(self.server_model, optimizer, loss, metrics)
+        self._set_transports(transports)
+        self.server_role = None if transports else ServerRole(self.server_model, optimizer,
+                                                              loss, metrics)
         self.clients = []
         for index in range(self.count):
             party = SplitModel(client=_clone(self.client_model), server=self.server_model)
@@ -142,13 +158,24 @@ class SplitFed(_Federation):
             raise ValueError(f"`version` must be 1 (SFLv1) or 2 (SFLv2), received {version!r}.")
         self.version = version
 
-    def compile(self, optimizer="sgd", loss=None, metrics=None, transport_wrapper=None):
+    def compile(self, optimizer="sgd", loss=None, metrics=None, transport_wrapper=None,
+                transports=None):
+        """As `RoundRobin.compile`; `transports` (to one shared remote server)
+        is for SFLv2 only: SFLv1 averages the server copies, which must then be
+        in this process."""
         self.wrap = transport_wrapper
+        if transports is not None and self.version == 1:
+            raise ValueError("SFLv1 averages one server copy per client, so it runs its "
+                             "server copies in this process; use version=2 with remote "
+                             "transports.")
+        self._set_transports(transports)
         self.clients, self.server_copies, self.server_roles = [], [], []
         for index in range(self.count):
             server = _clone(self.server_model) if self.version == 1 else self.server_model
-            if self.version == 1 or index == 0:
+            if (self.version == 1 or index == 0) and not transports:
                 role = ServerRole(server, optimizer, loss, metrics)
+            elif transports:
+                role = None
             self.server_copies.append(server)
             self.server_roles.append(role)
             party = SplitModel(client=_clone(self.client_model), server=server)

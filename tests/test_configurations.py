@@ -330,3 +330,88 @@ def test_u_shaped_over_grpc_keeps_labels_on_the_client(rng):
         tail_server.stop()
     reference, _ = _reference_fit(_mlp, x, y)
     _assert_weights(model.get_weights(), reference.get_weights())
+
+
+def _sessions(server, split, count):
+    return [_link(server, split.cut_specs) for _ in range(count)]
+
+
+def test_round_robin_and_splitfed_over_grpc(rng):
+    x, y = _data(rng, 96)
+    shards = [(x[i * 32:(i + 1) * 32], y[i * 32:(i + 1) * 32]) for i in range(3)]
+    model = _mlp()
+    split = keras_split.split(model, "b")
+    server = _grpc_server(split.server, loss=LOSS, optimizer=keras.optimizers.SGD(0.1))
+    try:
+        rr = RoundRobin(split.client, split.server, 3)
+        rr.compile(keras.optimizers.SGD(0.1), transports=_sessions(server, split, 3))
+        rr.fit(shards, rounds=1, batch_size=8)
+    finally:
+        server.stop()
+    reference, _ = _reference_fit(_mlp, x, y)
+    _assert_weights(model.get_weights(), reference.get_weights())
+
+    remote_model, local_model = _mlp(), _mlp()
+    remote, local = keras_split.split(remote_model, "b"), keras_split.split(local_model, "b")
+    server = _grpc_server(remote.server, loss=LOSS, optimizer=keras.optimizers.SGD(0.1))
+    try:
+        fed = SplitFed(remote.client, remote.server, 3, version=2)
+        fed.compile(keras.optimizers.SGD(0.1), transports=_sessions(server, remote, 3))
+        fed.fit(shards, rounds=2, batch_size=8)
+    finally:
+        server.stop()
+    twin = SplitFed(local.client, local.server, 3, version=2)
+    twin.compile(keras.optimizers.SGD(0.1), LOSS)
+    twin.fit(shards, rounds=2, batch_size=8)
+    _assert_weights(remote_model.get_weights(), local_model.get_weights())
+    with pytest.raises(ValueError, match="SFLv1 averages one server copy per client"):
+        SplitFed(remote.client, remote.server, 3, version=1).compile(
+            "sgd", LOSS, transports=[None] * 3)
+
+
+def test_a_client_whose_server_is_unreachable_drops_out(rng):
+    x, y = _data(rng, 96)
+    shards = [(x[i * 32:(i + 1) * 32], y[i * 32:(i + 1) * 32]) for i in range(3)]
+    split = keras_split.split(_mlp(), "b")
+    server = _grpc_server(split.server, loss=LOSS, optimizer=keras.optimizers.SGD(0.1))
+    # Client 2 reaches the server through a path that goes away before the round:
+    # its calls fail once the short retry budget is spent.
+    gone = _grpc_server(keras.models.clone_model(split.server), loss=LOSS)
+    try:
+        links = _sessions(server, split, 2) + _sessions(gone, split, 1)
+        gone.stop()
+        links[2].retry_for = 0.2
+        rr = RoundRobin(split.client, split.server, 3)
+        rr.compile(keras.optimizers.SGD(0.1), transports=links)
+        history = rr.fit(shards, rounds=1, batch_size=8)
+    finally:
+        server.stop()
+    assert history[0]["dropped"] == [2] and set(history[0]["loss"]) == {0, 1}
+
+
+def test_multi_task_heads_on_two_grpc_servers(rng):
+    def build():
+        keras.utils.set_random_seed(3)
+        inputs = keras.Input((10,))
+        body = keras.layers.Dense(8, activation="relu", name="body")(inputs)
+        a = keras.layers.Dense(3, name="a")(body)
+        b = keras.layers.Dense(1, name="b")(body)
+        return keras.Model(inputs, {"a": a, "b": b})
+
+    x, y = _data(rng)
+    labels = {"a": y, "b": rng.normal(size=(64, 1)).astype("float32")}
+    model = build()
+    split = split_multitask(model, "body")
+    servers = {"a": _grpc_server(split.heads["a"], loss=LOSS,
+                                 optimizer=keras.optimizers.SGD(0.1)),
+               "b": _grpc_server(split.heads["b"], loss="mse",
+                                 optimizer=keras.optimizers.SGD(0.1))}
+    try:
+        split.compile(keras.optimizers.SGD(0.1), {"a": LOSS, "b": "mse"},
+                      transports={k: _link(s, split.cut_specs) for k, s in servers.items()})
+        split.fit(x, labels, batch_size=8, shuffle=False, verbose=0)
+    finally:
+        for server in servers.values():
+            server.stop()
+    reference, _ = _reference_fit(build, x, labels, loss={"a": LOSS, "b": "mse"})
+    _assert_weights(model.get_weights(), reference.get_weights())
