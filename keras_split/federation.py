@@ -68,7 +68,10 @@ class _Federation:
         transport = self.transports[index] if self.transports else InProcessTransport(role)
         return self.wrap(index, transport) if self.wrap else transport
 
-    def _set_transports(self, transports):
+    def _set_transports(self, transports, loss):
+        if transports is None and loss is None:
+            raise ValueError("`compile` needs a `loss` for the server half (or `transports` "
+                             "to a remote server that has one).")
         if transports is not None and len(transports) != self.count:
             raise ValueError(f"Give one transport per client: {self.count} clients, received "
                              f"{len(transports)}.")
@@ -108,7 +111,7 @@ class RoundRobin(_Federation):
                 then live there. By default all run in this process.
         """
         self.wrap = transport_wrapper
-        self._set_transports(transports)
+        self._set_transports(transports, loss)
         self.server_role = None if transports else ServerRole(self.server_model, optimizer,
                                                               loss, metrics)
         self.clients = []
@@ -168,7 +171,7 @@ class SplitFed(_Federation):
             raise ValueError("SFLv1 averages one server copy per client, so it runs its "
                              "server copies in this process; use version=2 with remote "
                              "transports.")
-        self._set_transports(transports)
+        self._set_transports(transports, loss)
         self.clients, self.server_copies, self.server_roles = [], [], []
         for index in range(self.count):
             server = _clone(self.server_model) if self.version == 1 else self.server_model
