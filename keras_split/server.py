@@ -152,7 +152,7 @@ class _Servicer(pb_grpc.SplitLearningServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"compression {request.codec!r} is not accepted; this server accepts "
                           f"{sorted(self.server.codecs)}")
-        mine = [(s.dtype, s.shape) for s in self.server.cut_specs]
+        mine = [(s.dtype, s.shape) for s in self.server._specs_for(client_id)]
         theirs = [wire.spec_from_pb(s) for s in request.cut]
         if mine != theirs:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -207,18 +207,19 @@ class _Servicer(pb_grpc.SplitLearningServicer):
                               f"step {request.step} is stale or out of order; expected "
                               f"{session.last_step + 1}")
             try:
-                message = wire.request_from_pb(request, self.server.cut_specs,
+                message = wire.request_from_pb(request, self.server._specs_for(client_id),
                                                self.server.max_batch_size, session.codec)
             except wire.WireError as error:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            gathering = hasattr(self.server.role, "handle_from")
+            if gathering:
+                # A role that gathers several parties' messages for one step
+                # locks for itself: holding the model lock while it waits for
+                # the other parties would stop them from reaching it.
+                reply = self._handle(context, self.server.role.handle_from, client_id, message)
             with self.server._model_lock:
-                try:
-                    reply = self.server.role.handle(message)
-                except (ValueError, tf.errors.InvalidArgumentError) as error:
-                    # Data the checks above cannot judge (a label outside the
-                    # classes, say) fails in the loss, before any update.
-                    text = getattr(error, "message", None) or str(error)
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, text.splitlines()[0])
+                if not gathering:
+                    reply = self._handle(context, self.server.role.handle, message)
                 encoded = wire.reply_to_pb(reply, session.codec)
                 session.last_step, session.cached = request.step, encoded
                 if message.mode == "train":
@@ -227,6 +228,19 @@ class _Servicer(pb_grpc.SplitLearningServicer):
                 # always find its step applied after a crash.
                 self.server._save()
             return encoded
+
+
+    @staticmethod
+    def _handle(context, function, *arguments):
+        try:
+            return function(*arguments)
+        except (ValueError, tf.errors.InvalidArgumentError) as error:
+            # Data the checks above cannot judge (a label outside the classes,
+            # say) fails in the loss, before any update.
+            text = getattr(error, "message", None) or str(error)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, text.splitlines()[0])
+        except TimeoutError as error:
+            context.abort(grpc.StatusCode.ABORTED, str(error))
 
 
 class SplitServer:
@@ -293,6 +307,10 @@ class SplitServer:
                                  "(e.g. a keras_split.chain.RelayRole for a middle party).")
             role = ServerRole(model, optimizer, loss, metrics, loss_weights)
         self.role = role
+        parties = len(getattr(role, "parties", ()))
+        if parties and max_workers <= parties:
+            # Each party's call waits in a worker thread until all have arrived.
+            max_workers = parties + 2
         self.max_batch_size = max_batch_size
         unknown = set(allowed_compression) - set(codecs.NAMES)
         if unknown:
@@ -344,6 +362,13 @@ class SplitServer:
         self._grpc.stop(grace).wait()
         with self._model_lock:
             self._save()
+
+    def _specs_for(self, client_id) -> list[CutSpec]:
+        """The cut tensors this client sends: all of them, unless the role
+        assigns each party its own (vertically partitioned data)."""
+        if hasattr(self.role, "specs_for"):
+            return self.role.specs_for(client_id, self.cut_specs)
+        return self.cut_specs
 
     def _client_id(self, context) -> str:
         """Who is calling: the token's client id, the certificate's common name, or

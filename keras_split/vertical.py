@@ -16,6 +16,9 @@ rows aligned); each party sees only its own inputs, weights and gradients.
 
 from __future__ import annotations
 
+import dataclasses
+import threading
+
 import keras
 import numpy as np
 
@@ -106,3 +109,103 @@ def split_vertical(model: keras.Model, cuts) -> VerticalSplit:
                 f"party), but it depends on {sources}. Cut each branch before branches mix.")
         parties.append(keras.Model(inp, out, name=f"party_{number}"))
     return VerticalSplit(parties, server, specs)
+
+
+class GatherRole:
+    """The server of vertically partitioned training over the network.
+
+    Each party opens its own session and sends, for every step, its own cut
+    tensors and the batch's sample IDs (in the labels field: the parties hold
+    no labels). When every party's message for a step has arrived, the server
+    checks that they describe the same samples, looks up the labels it holds by
+    sample ID, runs its `ServerRole` once on all the cut tensors, and answers
+    each party with its own slice of the cut gradients. A party that does not
+    show up within `timeout` seconds fails the step for all (ABORTED).
+
+    Args:
+        role: the `ServerRole` of the server half (inputs in party order).
+        parties: the client ids of the parties, in the order of the server
+            half's inputs; `shares[i]` cut tensors belong to party i (one each
+            by default).
+        labels: the labels, indexed by sample ID (an array, or a dict of arrays
+            for several outputs).
+    """
+
+    def __init__(self, role: ServerRole, parties: list[str], labels, shares=None,
+                 timeout: float = 60.0):
+        self.role, self.parties, self.labels, self.timeout = role, list(parties), labels, timeout
+        self.shares = list(shares or [1] * len(parties))
+        self.starts = [sum(self.shares[:i]) for i in range(len(self.shares))]
+        self._condition = threading.Condition()
+        self._pending: dict[tuple, dict] = {}
+        self._done: dict[tuple, object] = {}
+
+    @property
+    def model(self):
+        return self.role.model
+
+    def _slot(self, client_id) -> int:
+        if client_id not in self.parties:
+            raise ValueError(f"Client {client_id!r} is not one of this server's parties "
+                             f"{self.parties}.")
+        return self.parties.index(client_id)
+
+    def specs_for(self, client_id, specs):
+        slot = self._slot(client_id)
+        return specs[self.starts[slot]: self.starts[slot] + self.shares[slot]]
+
+    def _lookup(self, ids):
+        index = np.asarray(ids).astype(np.int64).reshape(-1)
+        return keras.tree.map_structure(lambda table: np.asarray(table)[index], self.labels)
+
+    def handle_from(self, client_id, message):
+        slot = self._slot(client_id)
+        key = (message.mode, message.step)
+        with self._condition:
+            arrived = self._pending.setdefault(key, {})
+            arrived[slot] = message
+            if len(arrived) == len(self.parties):
+                del self._pending[key]
+                self._done[key] = self._run(arrived)
+                self._condition.notify_all()
+            elif not self._condition.wait_for(lambda: key in self._done, self.timeout):
+                self._pending.pop(key, None)
+                missing = [self.parties[i] for i in range(len(self.parties))
+                           if i not in arrived]
+                raise TimeoutError(f"Step {message.step} ({message.mode}) is missing parties "
+                                   f"{missing} after {self.timeout:g} s.")
+            outcome = self._done[key]
+            outcome["left"] -= 1
+            if not outcome["left"]:
+                del self._done[key]
+        if isinstance(outcome["reply"], Exception):
+            raise outcome["reply"]
+        reply = outcome["reply"]
+        start, share = self.starts[slot], self.shares[slot]
+        return dataclasses.replace(reply, gradients=tuple(reply.gradients[start:start + share]))
+
+    def _run(self, arrived):
+        messages = [arrived[i] for i in range(len(self.parties))]
+        first = messages[0]
+        try:
+            ids = [None if m.labels is None else np.asarray(m.labels).reshape(-1)
+                   for m in messages]
+            if first.mode != "predict":
+                if any(i is None for i in ids) or any(not np.array_equal(ids[0], i)
+                                                      for i in ids[1:]):
+                    raise ValueError("The parties sent different sample IDs for one step: "
+                                     "their batches are not aligned.")
+            labels = None if first.mode == "predict" else self._lookup(ids[0])
+            tensors = tuple(t for m in messages for t in m.tensors)
+            reply = self.role.handle(dataclasses.replace(
+                first, tensors=tensors, labels=labels, sample_weight=None,
+                reset_metrics=any(m.reset_metrics for m in messages)))
+        except Exception as error:  # every waiting party gets the same error
+            reply = error
+        return {"reply": reply, "left": len(self.parties)}
+
+    def state(self):
+        return self.role.state()
+
+    def restore(self, arrays, path) -> None:
+        self.role.restore(arrays, path)

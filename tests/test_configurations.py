@@ -415,3 +415,54 @@ def test_multi_task_heads_on_two_grpc_servers(rng):
             server.stop()
     reference, _ = _reference_fit(build, x, labels, loss={"a": LOSS, "b": "mse"})
     _assert_weights(model.get_weights(), reference.get_weights())
+
+
+def test_vertical_parties_over_grpc_equal_in_process(tmp_path):
+    """Three hospitals, each its own process (as in deployment: each party's
+    blocked step holds one of its process's TensorFlow threads while it waits)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from keras_split.roles import ServerRole
+    from keras_split.vertical import GatherRole
+
+    data = load_breast_cancer()
+    x = ((data.data - data.data.mean(0)) / data.data.std(0)).astype("float32")[:256]
+    y = data.target[:256]
+    parties = sharding.split_columns(x, [slice(0, 10), slice(10, 20), slice(20, 30)])
+    cuts = ["mean_branch", "error_branch", "worst_branch"]
+    local_model, remote_model = _breast_cancer_model(), _breast_cancer_model()
+    local = split_vertical(local_model, cuts)
+    local.compile(keras.optimizers.SGD(0.1), LOSS)
+    local.fit(parties, y, batch_size=32, epochs=2, seed=0, verbose=0)
+
+    remote = split_vertical(remote_model, cuts)
+    names = ["hospital-a", "hospital-b", "hospital-c"]
+    role = GatherRole(ServerRole(remote.server, keras.optimizers.SGD(0.1), LOSS), names,
+                      labels=y, timeout=60)
+    server = keras_split.SplitServer(remote.server, role=role, insecure=True,
+                                     tokens={f"t{i}": n for i, n in enumerate(names)}).start()
+    script = Path(__file__).resolve().parent / "vertical_party.py"
+    processes = []
+    try:
+        for i in range(3):
+            remote.parties[i].save(tmp_path / f"party{i}.keras")
+            # The parties send sample IDs; only the server holds the labels.
+            np.savez(tmp_path / f"data{i}.npz", x=parties[i], ids=np.arange(len(y)))
+            processes.append(subprocess.Popen(
+                [sys.executable, str(script), str(tmp_path / f"party{i}.keras"),
+                 str(tmp_path / f"data{i}.npz"), str(server.port), f"t{i}",
+                 str(tmp_path / f"out{i}.npz")], stderr=subprocess.PIPE, text=True))
+        for process in processes:
+            _, errors = process.communicate(timeout=240)
+            assert process.returncode == 0, errors[-2000:]
+    finally:
+        server.stop()
+    got = []
+    for i in range(3):
+        with np.load(tmp_path / f"out{i}.npz") as saved:
+            got.append([saved[f"arr_{j}"] for j in range(len(saved.files))])
+    for i in range(3):
+        _assert_weights(got[i], local.parties[i].get_weights())
+    _assert_weights(remote.server.get_weights(), local.server.get_weights())
