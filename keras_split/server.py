@@ -241,6 +241,10 @@ class _Servicer(pb_grpc.SplitLearningServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, text.splitlines()[0])
         except TimeoutError as error:
             context.abort(grpc.StatusCode.ABORTED, str(error))
+        except (ConnectionError, RuntimeError) as error:
+            # A middle party's link downstream failed (or the party downstream
+            # refused): say so upstream, instead of an opaque UNKNOWN.
+            context.abort(grpc.StatusCode.ABORTED, f"the party downstream failed: {error}")
 
 
 class SplitServer:

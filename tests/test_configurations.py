@@ -466,3 +466,24 @@ def test_vertical_parties_over_grpc_equal_in_process(tmp_path):
     for i in range(3):
         _assert_weights(got[i], local.parties[i].get_weights())
     _assert_weights(remote.server.get_weights(), local.server.get_weights())
+
+
+def test_a_relay_whose_downstream_is_gone_says_so_upstream(rng):
+    from keras_split.chain import RelayRole
+
+    x, y = _data(rng, 16)
+    first, middle, last = split_chain(_mlp(), ["a", "b"]).segments
+    end = _grpc_server(last, loss=LOSS)
+    relay = RelayRole(middle, "sgd", _link(end, [keras_split.partition.spec_of("b", t)
+                                                 for t in last.inputs]))
+    relay.next.retry_for = 0.2
+    end.stop()
+    hop = _grpc_server(middle, role=relay)
+    try:
+        client = keras_split.SplitClient(first, server=f"127.0.0.1:{hop.port}", token="t",
+                                         insecure=True, retry_for=0)
+        client.compile("sgd")
+        with pytest.raises(ConnectionError, match="ABORTED .*the party downstream failed"):
+            client.fit(x, y, batch_size=8, verbose=0)
+    finally:
+        hop.stop()
