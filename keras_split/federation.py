@@ -91,14 +91,19 @@ class RoundRobin(_Federation):
             client trains its own copy of the client half.
         clients: K.
         handoff: "peer" or "server".
+        handoff_optimizer: also hand over the client optimizer's state (Adam's
+            moments, step count), so that K clients in turn equal centralized
+            training with any optimizer; otherwise each client keeps its own.
     """
 
-    def __init__(self, client, server, clients: int, handoff: str = "peer"):
+    def __init__(self, client, server, clients: int, handoff: str = "peer",
+                 handoff_optimizer: bool = False):
         super().__init__(client, server, clients)
         if handoff not in ("peer", "server"):
             raise ValueError(f"`handoff` must be 'peer' or 'server', received {handoff!r}.")
-        self.handoff = handoff
+        self.handoff, self.handoff_optimizer = handoff, handoff_optimizer
         self.weights_seen_by: set[str] = set()
+        self.latest_optimizer = None
 
     def compile(self, optimizer="sgd", loss=None, metrics=None, transport_wrapper=None,
                 transports=None):
@@ -130,6 +135,11 @@ class RoundRobin(_Federation):
                 # The hand-off: the latest client half reaches this client.
                 self.weights_seen_by.add("server" if self.handoff == "server" else "clients")
                 party.client.set_weights(self.latest)
+                optimizer = party.client_role.optimizer
+                if self.handoff_optimizer and self.latest_optimizer is not None:
+                    for variable, value in zip(optimizer.variables, self.latest_optimizer,
+                                               strict=True):
+                        variable.assign(value)
                 try:
                     history = party.fit(x, y, batch_size=batch_size, epochs=1, shuffle=shuffle,
                                         seed=seed, verbose=verbose)
@@ -139,6 +149,8 @@ class RoundRobin(_Federation):
                     record["dropped"].append(index)
                     continue
                 self.latest = party.client.get_weights()
+                if self.handoff_optimizer:
+                    self.latest_optimizer = [v.numpy() for v in optimizer.variables]
                 record["loss"][index] = history.history["loss"][-1]
             self.history.append(record)
         self.client_model.set_weights(self.latest)

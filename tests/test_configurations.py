@@ -181,6 +181,18 @@ def test_round_robin_equals_centralized_training_in_the_same_order(rng):
         _assert_weights(model.get_weights(), reference.get_weights())
 
 
+def test_round_robin_with_optimizer_handoff_equals_centralized_adam(rng):
+    x, y = _data(rng, 96)
+    shards = [(x[i * 32:(i + 1) * 32], y[i * 32:(i + 1) * 32]) for i in range(3)]
+    model = _mlp()
+    split = keras_split.split(model, "b")
+    rr = RoundRobin(split.client, split.server, 3, handoff_optimizer=True)
+    rr.compile(keras.optimizers.Adam(1e-2), LOSS)
+    rr.fit(shards, rounds=1, batch_size=8)
+    reference, _ = _reference_fit(_mlp, x, y, lambda: keras.optimizers.Adam(1e-2))
+    _assert_weights(model.get_weights(), reference.get_weights())
+
+
 class FailAt(Transport):
     """A client's link that fails at one of its steps, once (a killed process)."""
 
