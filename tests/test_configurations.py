@@ -104,15 +104,18 @@ def test_u_shaped_keeps_labels_and_loss_on_the_client(rng):
         assert all(g.shape[1:] in cut_shapes for g in reply.gradients)
 
 
-def test_multi_task_heads_equal_the_unsplit_multi_output_model(rng):
-    def build():
-        keras.utils.set_random_seed(3)
-        inputs = keras.Input((10,))
-        body = keras.layers.Dense(8, activation="relu", name="body")(inputs)
-        a = keras.layers.Dense(3, name="a")(keras.layers.Dense(5, name="head_a")(body))
-        b = keras.layers.Dense(1, name="b")(body)
-        return keras.Model(inputs, {"a": a, "b": b})
+def _two_heads():
+    """A body and two heads: a classifier (with a hidden layer) and a regressor."""
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((10,))
+    body = keras.layers.Dense(8, activation="relu", name="body")(inputs)
+    a = keras.layers.Dense(3, name="a")(keras.layers.Dense(5, name="head_a")(body))
+    b = keras.layers.Dense(1, name="b")(body)
+    return keras.Model(inputs, {"a": a, "b": b})
 
+
+def test_multi_task_heads_equal_the_unsplit_multi_output_model(rng):
+    build = _two_heads
     x, y = _data(rng)
     labels = {"a": y, "b": rng.normal(size=(64, 1)).astype("float32")}
     model = build()
@@ -402,14 +405,7 @@ def test_a_client_whose_server_is_unreachable_drops_out(rng):
 
 
 def test_multi_task_heads_on_two_grpc_servers(rng):
-    def build():
-        keras.utils.set_random_seed(3)
-        inputs = keras.Input((10,))
-        body = keras.layers.Dense(8, activation="relu", name="body")(inputs)
-        a = keras.layers.Dense(3, name="a")(body)
-        b = keras.layers.Dense(1, name="b")(body)
-        return keras.Model(inputs, {"a": a, "b": b})
-
+    build = _two_heads
     x, y = _data(rng)
     labels = {"a": y, "b": rng.normal(size=(64, 1)).astype("float32")}
     model = build()
