@@ -59,6 +59,7 @@ class RelayRole:
         self.client.build()
         self.next = next
         self._step = 0  # its own numbering downstream: it may serve several upstreams
+        self._regularization = trainer.ClientLoss()
 
     @property
     def optimizer(self):
@@ -70,14 +71,27 @@ class RelayRole:
                                                       tensors=_values(tensors)))
 
     def handle(self, message: Activations) -> Reply:
+        if message.reset_metrics:
+            self._regularization = trainer.ClientLoss()
         if message.mode == "train":
             context = self.client.forward(_inputs(message.tensors), input_gradients=True)
             reply = self._send(message, context.activations)
             gradients = self.client.backward(context, reply.gradients)
-            return Reply(step=message.step, gradients=gradients, logs=reply.logs)
-        activations, _ = self.client.infer(_inputs(message.tensors))
+            regularization = float(context.regularization)
+            return Reply(step=message.step, gradients=gradients,
+                         logs=self._with_regularization(reply.logs, regularization, message))
+        activations, regularization = self.client.infer(_inputs(message.tensors))
         reply = self._send(message, activations)
-        return Reply(step=message.step, logs=reply.logs, outputs=reply.outputs)
+        logs = self._with_regularization(reply.logs, float(regularization), message)
+        return Reply(step=message.step, logs=logs, outputs=reply.outputs)
+
+    def _with_regularization(self, logs, value, message):
+        # Each party adds its own layers' regularization to the reported loss
+        # (a running mean, like the server's), as keras.Model.fit reports it.
+        if message.mode == "predict":
+            return logs
+        self._regularization.add(value, message.tensors)
+        return self._regularization.into(dict(logs))
 
     def state(self):
         return self.client.state()

@@ -78,6 +78,27 @@ def test_multi_hop_chain_equals_unsplit(rng, optimizer):
                                atol=1e-5)
 
 
+def test_multi_hop_loss_includes_every_party_regularization(rng):
+    def build():
+        keras.utils.set_random_seed(5)
+        inputs = keras.Input((10,))
+        x = keras.layers.Dense(8, activation="relu", name="a",
+                               kernel_regularizer=keras.regularizers.L2(0.1))(inputs)
+        x = keras.layers.Dense(8, activation="tanh", name="b",
+                               kernel_regularizer=keras.regularizers.L2(0.2))(x)
+        return keras.Model(inputs, keras.layers.Dense(3, name="out",
+                                                      kernel_regularizer="l2")(x))
+
+    x, y = _data(rng)
+    model = build()
+    chain = split_chain(model, ["a", "b"])
+    chain.compile(keras.optimizers.SGD(0.1), LOSS)
+    got = chain.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    reference, want = _reference_fit(build, x, y, epochs=2)
+    np.testing.assert_allclose(got.history["loss"], want.history["loss"], rtol=1e-5)
+    _assert_weights(model.get_weights(), reference.get_weights())
+
+
 def test_u_shaped_keeps_labels_and_loss_on_the_client(rng):
     x, y = _data(rng)
     model = _mlp()
