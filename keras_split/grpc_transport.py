@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import keras
+import numpy as np
 
 from keras_split import checkpoint, codecs, trainer, wire
 from keras_split.messages import Activations, Reply
@@ -156,6 +157,26 @@ class GrpcTransport(Transport):
         decoded = wire.reply_from_pb(reply, self._max_elements, self.codec)
         return decoded, request.ByteSize(), reply.ByteSize()
 
+    def turn(self, ready_for: int):
+        """Ask the server's coordinator to train (see `keras_split.rounds`);
+        waits, asking again, until told to go or that no rounds are left.
+        Returns (round, weights) or None when finished."""
+        while True:
+            reply = self._call(self._stub.Turn, pb.TurnRequest(session_id=self.session_id,
+                                                               round=ready_for))
+            if reply.finished:
+                return None
+            if reply.go:
+                limit = sum(int(np.prod(t.shape)) for t in reply.weights) or 1
+                return reply.round, [wire.decode(t, f"weights[{i}]", limit)
+                                     for i, t in enumerate(reply.weights)]
+
+    def report(self, round_: int, weights, samples: int) -> int:
+        """Hand the trained client half back for `round_`."""
+        request = pb.ReportRequest(session_id=self.session_id, round=round_, samples=samples,
+                                   weights=[wire.encode(np.asarray(w)) for w in weights])
+        return self._call(self._stub.Report, request).round
+
     def close(self) -> None:
         if self._channel is not None:
             self._channel.close()
@@ -284,6 +305,27 @@ class SplitClient(trainer.LoopOwner):
 
     def set_weights(self, weights):
         self.client.set_weights(weights)
+
+    def train_rounds(self, x, y, batch_size=32, epochs_per_turn=1, seed=None, verbose=0,
+                     on_turn=None):
+        """Take part in the server's rounds (round-robin or SplitFed, see
+        `keras_split.rounds`): for each turn, start from the client half the
+        server hands out, train `epochs_per_turn` on (x, y), hand it back.
+        `on_turn(round)` is called as each turn starts. Returns the rounds this
+        client trained in."""
+        self.require_compiled("train_rounds")
+        trained, ready_for = [], 1
+        while (turn := self.transport.turn(ready_for)) is not None:
+            round_, weights = turn
+            if on_turn is not None:
+                on_turn(round_)
+            self.set_weights(weights)
+            self.fit(x, y, batch_size=batch_size, epochs=epochs_per_turn, seed=seed,
+                     verbose=verbose)
+            self.transport.report(round_, self.get_weights(), len(x))
+            trained.append(round_)
+            ready_for = round_ + 1
+        return trained
 
     def save(self, filepath, overwrite=True):
         self.client.save(filepath, overwrite=overwrite)

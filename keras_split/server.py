@@ -230,6 +230,40 @@ class _Servicer(pb_grpc.SplitLearningServicer):
             return encoded
 
 
+    def _session_of(self, request, context):
+        client_id = self.server._client_id(context)
+        with self.server._lock:
+            session = self.server._sessions.get(request.session_id)
+        if session is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, "unknown session; call Open first")
+        if session.client_id != client_id:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          "this session belongs to another client")
+        coordinator = self.server.coordinator
+        if coordinator is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "this server runs no rounds (it has no coordinator)")
+        return client_id, coordinator
+
+    def Turn(self, request, context):  # noqa: N802 - gRPC method name
+        client_id, coordinator = self._session_of(request, context)
+        go, round_, weights, finished = coordinator.turn(client_id, request.round)
+        return pb.TurnReply(go=go, round=round_, finished=finished,
+                            weights=[wire.encode(w) for w in weights])
+
+    def Report(self, request, context):  # noqa: N802 - gRPC method name
+        client_id, coordinator = self._session_of(request, context)
+        limit = sum(int(np.prod(w.shape)) for w in coordinator.weights)
+        try:
+            weights = [wire.decode(t, f"weights[{i}]", limit)
+                       for i, t in enumerate(request.weights)]
+            return pb.ReportReply(round=coordinator.report(client_id, request.round, weights,
+                                                           request.samples))
+        except wire.WireError as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except ValueError as error:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+
     @staticmethod
     def _handle(context, function, *arguments):
         try:
@@ -273,6 +307,8 @@ class SplitServer:
             and its clients carry on where they were.
         durable_checkpoints: also flush each checkpoint to disk (survives power
             loss, not only a killed process; costs an fsync per step).
+        coordinator: a `keras_split.rounds.RoundCoordinator`, to run rounds of
+            many client processes (round-robin, SplitFed) through this server.
         allowed_compression: names of the codecs clients may choose (see
             `keras_split.codecs`); all of them by default. "none" is always allowed.
 
@@ -293,7 +329,7 @@ class SplitServer:
                  private_key=None, client_ca=None, insecure: bool = False,
                  max_batch_size: int = 1024, max_workers: int = 4,
                  allowed_compression=codecs.NAMES, checkpoint_dir=None,
-                 durable_checkpoints: bool = False):
+                 durable_checkpoints: bool = False, coordinator=None):
         if not tokens and client_ca is None:
             raise ValueError(
                 "Clients must authenticate: pass `tokens` ({token: client_id}), or `client_ca` "
@@ -316,6 +352,7 @@ class SplitServer:
             # Each party's call waits in a worker thread until all have arrived.
             max_workers = parties + 2
         self.max_batch_size = max_batch_size
+        self.coordinator = coordinator
         unknown = set(allowed_compression) - set(codecs.NAMES)
         if unknown:
             raise ValueError(f"Unknown codecs in `allowed_compression`: {sorted(unknown)}; "

@@ -44,6 +44,16 @@ class SplitLearningStub:
                 request_serializer=keras__split_dot_proto_dot_split__pb2.StepRequest.SerializeToString,
                 response_deserializer=keras__split_dot_proto_dot_split__pb2.StepReply.FromString,
                 _registered_method=True)
+        self.Turn = channel.unary_unary(
+                '/keras_split.v1.SplitLearning/Turn',
+                request_serializer=keras__split_dot_proto_dot_split__pb2.TurnRequest.SerializeToString,
+                response_deserializer=keras__split_dot_proto_dot_split__pb2.TurnReply.FromString,
+                _registered_method=True)
+        self.Report = channel.unary_unary(
+                '/keras_split.v1.SplitLearning/Report',
+                request_serializer=keras__split_dot_proto_dot_split__pb2.ReportRequest.SerializeToString,
+                response_deserializer=keras__split_dot_proto_dot_split__pb2.ReportReply.FromString,
+                _registered_method=True)
 
 
 class SplitLearningServicer:
@@ -61,6 +71,18 @@ class SplitLearningServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Turn(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Report(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SplitLearningServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +95,16 @@ def add_SplitLearningServicer_to_server(servicer, server):
                     servicer.Step,
                     request_deserializer=keras__split_dot_proto_dot_split__pb2.StepRequest.FromString,
                     response_serializer=keras__split_dot_proto_dot_split__pb2.StepReply.SerializeToString,
+            ),
+            'Turn': grpc.unary_unary_rpc_method_handler(
+                    servicer.Turn,
+                    request_deserializer=keras__split_dot_proto_dot_split__pb2.TurnRequest.FromString,
+                    response_serializer=keras__split_dot_proto_dot_split__pb2.TurnReply.SerializeToString,
+            ),
+            'Report': grpc.unary_unary_rpc_method_handler(
+                    servicer.Report,
+                    request_deserializer=keras__split_dot_proto_dot_split__pb2.ReportRequest.FromString,
+                    response_serializer=keras__split_dot_proto_dot_split__pb2.ReportReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +161,60 @@ class SplitLearning:
             '/keras_split.v1.SplitLearning/Step',
             keras__split_dot_proto_dot_split__pb2.StepRequest.SerializeToString,
             keras__split_dot_proto_dot_split__pb2.StepReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Turn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keras_split.v1.SplitLearning/Turn',
+            keras__split_dot_proto_dot_split__pb2.TurnRequest.SerializeToString,
+            keras__split_dot_proto_dot_split__pb2.TurnReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Report(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keras_split.v1.SplitLearning/Report',
+            keras__split_dot_proto_dot_split__pb2.ReportRequest.SerializeToString,
+            keras__split_dot_proto_dot_split__pb2.ReportReply.FromString,
             options,
             channel_credentials,
             insecure,

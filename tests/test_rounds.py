@@ -1,0 +1,113 @@
+"""Rounds of client processes through the server (round-robin, SplitFed): a
+client killed during its turn is dropped, the others go on, and it rejoins."""
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import keras_split
+from keras_split.rounds import RoundCoordinator, RoundError
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+HERE = Path(__file__).resolve().parent
+NAMES = ["hospital-a", "hospital-b", "hospital-c"]
+
+
+def _split():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((10,))
+    hidden = keras.layers.Dense(8, activation="relu", name="cut")(inputs)
+    return keras_split.split(keras.Model(inputs, keras.layers.Dense(3)(hidden)), "cut")
+
+
+def test_coordinator_rules_by_hand():
+    weights = [np.zeros(2, "float32")]
+    rr = RoundCoordinator(weights, "round_robin", rounds=2, clients=2, turn_timeout=60,
+                          poll=0.05)
+    assert rr.turn("a", 1)[0] is False  # round 1 waits for both clients
+    go, round_, handed, _ = rr.turn("b", 1)
+    assert not go  # it is a's turn first (a arrived first)
+    assert rr.turn("a", 1)[:2] == (True, 1)
+    with pytest.raises(RoundError, match="no turn of 'b'"):
+        rr.report("b", 1, weights, 5)
+    rr.report("a", 1, [np.ones(2, "float32")], 5)
+    go, _, handed, _ = rr.turn("b", 1)
+    assert go and np.array_equal(handed[0], np.ones(2))  # a's weights, handed over
+    with pytest.raises(RoundError, match="shapes"):
+        rr.report("b", 1, [np.ones(3, "float32")], 5)
+    rr.report("b", 1, [np.full(2, 2.0, "float32")], 5)
+    assert rr.round == 2 and rr.history[0].trained == ["a", "b"]
+
+    fed = RoundCoordinator(weights, "splitfed", rounds=1, clients=2, poll=0.05)
+    fed.turn("a", 1)
+    assert fed.turn("b", 1)[0] and fed.turn("a", 1)[0]  # both train at once
+    fed.report("a", 1, [np.full(2, 1.0, "float32")], 10)
+    assert fed.round == 1  # waits for b
+    fed.report("b", 1, [np.full(2, 4.0, "float32")], 30)
+    assert fed.finished and np.allclose(fed.weights[0], (1.0 * 10 + 4.0 * 30) / 40)
+
+
+def _start(folder, port, index):
+    command = [sys.executable, str(HERE / "round_client.py"), str(folder / "client.keras"),
+               str(folder / f"data{index}.npz"), str(port), f"t{index}"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _lines(process, into):
+    with process.stdout:  # closed once the process has ended
+        for line in process.stdout:
+            into.append(line)
+
+
+@pytest.mark.parametrize("mode", ["round_robin", "splitfed"])
+def test_a_killed_client_is_dropped_and_rejoins(tmp_path, rng, mode):
+    split = _split()
+    split.client.save(tmp_path / "client.keras")
+    for i in range(3):
+        np.savez(tmp_path / f"data{i}.npz", x=rng.normal(size=(64, 10)).astype("float32"),
+                 y=rng.integers(0, 3, 64))
+    coordinator = RoundCoordinator(split.client.get_weights(), mode, rounds=3, clients=3,
+                                   turn_timeout=4.0, poll=1.0)
+    server = keras_split.SplitServer(split.server, LOSS, keras.optimizers.SGD(0.1),
+                                     tokens={f"t{i}": n for i, n in enumerate(NAMES)},
+                                     insecure=True, coordinator=coordinator).start()
+    outputs = [[], [], []]
+    processes = [_start(tmp_path, server.port, i) for i in range(3)]
+    readers = [threading.Thread(target=_lines, args=(p, o), daemon=True)
+               for p, o in zip(processes, outputs, strict=True)]
+    try:
+        for reader in readers:
+            reader.start()
+        deadline = time.monotonic() + 120
+        while not any("turn in round 1" in line for line in outputs[1]):
+            assert time.monotonic() < deadline, outputs
+            time.sleep(0.01)
+        processes[1].kill()  # hospital-b dies during its round-1 turn
+        processes[1].wait()
+        readers[1].join(10)
+        restarted = []
+        processes[1] = _start(tmp_path, server.port, 1)
+        readers[1] = threading.Thread(target=_lines, args=(processes[1], restarted), daemon=True)
+        readers[1].start()
+        for process in processes:
+            assert process.wait(timeout=180) == 0
+        for reader in readers:
+            reader.join(10)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+        server.stop()
+    history = coordinator.history
+    assert [r.round for r in history] == [1, 2, 3]
+    assert "hospital-b" in history[0].dropped
+    assert sorted(history[0].trained) == ["hospital-a", "hospital-c"]
+    for record in history[1:]:  # it rejoined, and nobody else was dropped
+        assert sorted(record.trained) == NAMES and record.dropped == []
+    assert any("trained in rounds [2, 3]" in line for line in restarted), restarted
