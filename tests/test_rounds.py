@@ -111,3 +111,52 @@ def test_a_killed_client_is_dropped_and_rejoins(tmp_path, rng, mode):
     for record in history[1:]:  # it rejoined, and nobody else was dropped
         assert sorted(record.trained) == NAMES and record.dropped == []
     assert any("trained in rounds [2, 3]" in line for line in restarted), restarted
+
+
+def test_turn_and_report_refuse_bad_calls():
+    import grpc
+
+    from keras_split import wire
+    from keras_split.proto import split_pb2 as pb
+    from keras_split.proto import split_pb2_grpc as pb_grpc
+
+    split = _split()
+    coordinator = RoundCoordinator(split.client.get_weights(), "splitfed", rounds=1,
+                                   clients=1, poll=0.1)
+    servers = [keras_split.SplitServer(split.server, LOSS, tokens={"a": "x", "b": "y"},
+                                       insecure=True, coordinator=c).start()
+               for c in (coordinator, None)]
+    try:
+        stubs = []
+        for server in servers:
+            channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+            stubs.append(pb_grpc.SplitLearningStub(channel))
+
+        def call(stub, method, request, token="a"):
+            return getattr(stub, method)(request, metadata=(("authorization", f"Bearer {token}"),),
+                                         timeout=10)
+
+        opened = pb.OpenRequest(protocol_version=wire.PROTOCOL_VERSION,
+                                cut=[wire.spec_to_pb(s) for s in split.cut_specs])
+        session = call(stubs[0], "Open", opened).session_id
+        assert call(stubs[0], "Turn", pb.TurnRequest(session_id=session, round=1)).go
+        good = [w.copy() for w in split.client.get_weights()]
+        for weights, code in (([good[0]], grpc.StatusCode.FAILED_PRECONDITION),
+                              ([np.full_like(good[0], np.nan), good[1]],
+                               grpc.StatusCode.INVALID_ARGUMENT)):
+            request = pb.ReportRequest(session_id=session, round=1, samples=4,
+                                       weights=[wire.encode(w) for w in weights])
+            with pytest.raises(grpc.RpcError) as info:
+                call(stubs[0], "Report", request)
+            assert info.value.code() == code
+        with pytest.raises(grpc.RpcError) as info:
+            call(stubs[0], "Turn", pb.TurnRequest(session_id=session), token="b")
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        other = call(stubs[1], "Open", opened).session_id
+        with pytest.raises(grpc.RpcError) as info:
+            call(stubs[1], "Turn", pb.TurnRequest(session_id=other))
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert coordinator.round == 1  # nothing bad was taken
+    finally:
+        for server in servers:
+            server.stop()
