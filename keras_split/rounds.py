@@ -26,9 +26,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import keras
 import numpy as np
 
 from keras_split.federation import fedavg
+from keras_split.roles import ServerRole
 
 
 @dataclass
@@ -42,6 +44,52 @@ class RoundError(ValueError):
     """A report that does not fit the round (late, unexpected, wrong shapes)."""
 
 
+class PerClientRole:
+    """SFLv1's server: one copy of the server half per client (by client id).
+
+    Serve it with `SplitServer(model, role=PerClientRole(...), coordinator=
+    RoundCoordinator(..., mode="splitfed", server=role))`: each client's steps
+    train its own copy, and at the end of every round the coordinator averages
+    the copies of the clients that reported (FedAvg) into `model` and every copy.
+    """
+
+    def __init__(self, model: keras.Model, optimizer, loss, metrics=None, loss_weights=None):
+        self.model = model
+        self._arguments = (optimizer, loss, metrics, loss_weights)
+        self.copies: dict[str, tuple[ServerRole, threading.Lock]] = {}
+        self._lock = threading.Lock()
+
+    def _copy(self, client_id):
+        with self._lock:
+            if client_id not in self.copies:
+                clone = keras.models.clone_model(self.model)
+                clone.set_weights(self.model.get_weights())
+                self.copies[client_id] = (ServerRole(clone, *self._arguments), threading.Lock())
+            return self.copies[client_id]
+
+    def handle_from(self, client_id, message):
+        role, lock = self._copy(client_id)
+        with lock:
+            return role.handle(message)
+
+    def average(self, counts: dict[str, int]) -> None:
+        weights = fedavg([self.copies[c][0].model.get_weights() for c in counts],
+                         list(counts.values()))
+        self.model.set_weights(weights)
+        for role, _ in self.copies.values():
+            role.model.set_weights(weights)
+
+    def state(self):
+        from keras_split import checkpoint
+
+        return checkpoint.values_of("model", self.model.variables)
+
+    def restore(self, arrays, path) -> None:
+        from keras_split import checkpoint
+
+        checkpoint.assign("model", self.model.variables, arrays, path)
+
+
 class RoundCoordinator:
     """Turns and rounds for `clients` client processes; see the module doc.
 
@@ -53,10 +101,15 @@ class RoundCoordinator:
             or before the first turn (round-robin).
         turn_timeout: seconds a client has to report after it starts.
         poll: the longest a `Turn` call waits before answering "ask again".
+        server: for SFLv1, the server's `PerClientRole`, averaged each round
+            like the client halves; SplitFed is SFLv2 without it.
     """
 
     def __init__(self, weights, mode: str = "round_robin", rounds: int = 1, clients: int = 2,
-                 turn_timeout: float = 60.0, poll: float = 5.0):
+                 turn_timeout: float = 60.0, poll: float = 5.0, server=None):
+        if server is not None and mode != "splitfed":
+            raise ValueError("`server` (per-client server copies) applies to SplitFed only.")
+        self.server = server
         if mode not in ("round_robin", "splitfed"):
             raise ValueError(f"`mode` must be 'round_robin' or 'splitfed', received {mode!r}.")
         self.mode, self.rounds, self.expected = mode, rounds, clients
@@ -182,6 +235,8 @@ class RoundCoordinator:
         if self._reports:
             weights, counts = zip(*self._reports.values(), strict=True)
             self.weights = fedavg(list(weights), list(counts))
+            if self.server is not None:  # SFLv1: the server copies too
+                self.server.average({c: n for c, (_, n) in self._reports.items()})
         self._reports = {}
         self._opened = time.monotonic()
         self._next_round()

@@ -160,3 +160,37 @@ def test_turn_and_report_refuse_bad_calls():
     finally:
         for server in servers:
             server.stop()
+
+
+def test_splitfed_v1_with_client_processes_equals_in_process(tmp_path, rng):
+    from keras_split.federation import SplitFed
+    from keras_split.rounds import PerClientRole
+
+    data = [(rng.normal(size=(48, 10)).astype("float32"), rng.integers(0, 3, 48))
+            for _ in range(3)]
+    local = _split()
+    reference = SplitFed(local.client, local.server, 3, version=1)
+    reference.compile(keras.optimizers.SGD(0.1), LOSS)
+    reference.fit(data, rounds=2, batch_size=16, shuffle=True, seed=0)
+
+    split = _split()
+    split.client.save(tmp_path / "client.keras")
+    for i, (x, y) in enumerate(data):
+        np.savez(tmp_path / f"data{i}.npz", x=x, y=y)
+    role = PerClientRole(split.server, keras.optimizers.SGD(0.1), LOSS)
+    coordinator = RoundCoordinator(split.client.get_weights(), "splitfed", rounds=2,
+                                   clients=3, server=role, poll=1.0)
+    server = keras_split.SplitServer(split.server, role=role, insecure=True,
+                                     tokens={f"t{i}": n for i, n in enumerate(NAMES)},
+                                     coordinator=coordinator).start()
+    processes = [_start(tmp_path, server.port, i) for i in range(3)]
+    try:
+        for process in processes:
+            output, _ = process.communicate(timeout=180)
+            assert process.returncode == 0, output[-2000:]
+    finally:
+        server.stop()
+    for a, b in zip(coordinator.weights, local.client.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    for a, b in zip(split.server.get_weights(), local.server.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
