@@ -190,7 +190,8 @@ class _Servicer(pb_grpc.SplitLearningServicer):
                             last_step=session.last_step,
                             max_batch_size=self.server.max_batch_size)
 
-    def Step(self, request, context):  # noqa: N802 - gRPC method name
+    def _session_of(self, request, context) -> tuple[str, _Session]:
+        """The caller's client id and its session; anyone else's is refused."""
         client_id = self.server._client_id(context)
         with self.server._lock:
             session = self.server._sessions.get(request.session_id)
@@ -199,6 +200,10 @@ class _Servicer(pb_grpc.SplitLearningServicer):
         if session.client_id != client_id:
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           "this session belongs to another client")
+        return client_id, session
+
+    def Step(self, request, context):  # noqa: N802 - gRPC method name
+        client_id, session = self._session_of(request, context)
         with session.lock:
             if request.step == session.last_step and session.cached is not None:
                 return session.cached  # a retransmission: answer again, apply nothing
@@ -229,16 +234,8 @@ class _Servicer(pb_grpc.SplitLearningServicer):
                 self.server._save()
             return encoded
 
-
-    def _session_of(self, request, context):
-        client_id = self.server._client_id(context)
-        with self.server._lock:
-            session = self.server._sessions.get(request.session_id)
-        if session is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, "unknown session; call Open first")
-        if session.client_id != client_id:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          "this session belongs to another client")
+    def _coordinator_of(self, request, context):
+        client_id, _ = self._session_of(request, context)
         coordinator = self.server.coordinator
         if coordinator is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -246,13 +243,13 @@ class _Servicer(pb_grpc.SplitLearningServicer):
         return client_id, coordinator
 
     def Turn(self, request, context):  # noqa: N802 - gRPC method name
-        client_id, coordinator = self._session_of(request, context)
+        client_id, coordinator = self._coordinator_of(request, context)
         go, round_, weights, finished = coordinator.turn(client_id, request.round)
         return pb.TurnReply(go=go, round=round_, finished=finished,
                             weights=[wire.encode(w) for w in weights])
 
     def Report(self, request, context):  # noqa: N802 - gRPC method name
-        client_id, coordinator = self._session_of(request, context)
+        client_id, coordinator = self._coordinator_of(request, context)
         limit = sum(int(np.prod(w.shape)) for w in coordinator.weights)
         try:
             weights = [wire.decode(t, f"weights[{i}]", limit)
