@@ -109,10 +109,14 @@ def split_multitask(model: keras.Model, cut) -> MultiTaskSplit:
     own party); outputs are named by the model's output names.
     """
     client, server, specs = build_halves(model, cut)
-    names = list(server.output_names) if hasattr(server, "output_names") else None
-    outputs = server.outputs
-    if isinstance(server._outputs_struct, dict):
-        names, outputs = list(server._outputs_struct), list(server._outputs_struct.values())
+    # Dict outputs keep their keys as head names; list outputs use the names of
+    # the layers that produce them.
+    structure = server._outputs_struct
+    if isinstance(structure, dict):
+        names, outputs = list(structure), list(structure.values())
+    else:
+        outputs = list(server.outputs)
+        names = [t._keras_history[0].name for t in outputs]
     if len(outputs) < 2:
         raise ValueError(f"Multi-task learning needs a model with several outputs; this one "
                          f"has {len(outputs)}. Use `split` for a single task.")
