@@ -128,6 +128,10 @@ class LabelStore:
     def result(self):
         return self._results.popleft()
 
+    def clear(self) -> None:
+        self._pending.clear()
+        self._results.clear()
+
 
 class KeepLabels(Transport):
     """Sends a message without its labels, keeping them in a `LabelStore`."""
@@ -139,8 +143,14 @@ class KeepLabels(Transport):
 
     def exchange(self, message: Activations) -> Reply:
         self.store.put(message.labels, message.sample_weight)
-        reply = self.inner.exchange(dataclasses.replace(message, labels=None,
-                                                        sample_weight=None))
+        try:
+            reply = self.inner.exchange(dataclasses.replace(message, labels=None,
+                                                            sample_weight=None))
+        except BaseException:
+            # A step that failed on the way (out or back) must leave no labels
+            # or results behind for the next one to pick up.
+            self.store.clear()
+            raise
         logs, outputs = self.store.result()
         return dataclasses.replace(reply, logs=logs, outputs=outputs)
 

@@ -135,6 +135,21 @@ def _two_heads():
     return keras.Model(inputs, {"a": a, "b": b})
 
 
+def test_u_shaped_step_that_fails_leaves_no_labels_behind(rng):
+    from keras_split.chain import KeepLabels
+
+    x, y = _data(rng, 16)
+    model = _mlp()
+    chain = split_chain(model, ["a", "c"])
+    chain.compile(keras.optimizers.SGD(0.1), LOSS, labels="client",
+                  transports=[lambda t: FailAt(t, 2)])
+    with pytest.raises(ConnectionError):
+        chain.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+    assert isinstance(chain.transport, KeepLabels)
+    assert not chain.transport.store._pending and not chain.transport.store._results
+    chain.fit(x, y, batch_size=8, shuffle=False, verbose=0)  # goes on, aligned
+
+
 def test_multi_task_heads_equal_the_unsplit_multi_output_model(rng):
     build = _two_heads
     x, y = _data(rng)
