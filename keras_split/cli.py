@@ -70,6 +70,16 @@ def _on_sigterm(signum, frame):
     raise _Terminated
 
 
+def _rounds_options(args):
+    if args.rounds is None:
+        return None
+    if not args.client_model:
+        raise ValueError("--rounds needs --client-model (the client half's .keras file, whose "
+                         "initial weights the server hands out in the first round).")
+    return {"mode": args.round_mode, "rounds": args.rounds, "clients": args.clients,
+            "turn_timeout": args.turn_timeout, "client_model": args.client_model}
+
+
 def _serve(args) -> int:
     import logging
 
@@ -83,6 +93,7 @@ def _serve(args) -> int:
         certificate=args.cert, private_key=args.key, client_ca=args.client_ca,
         insecure=args.insecure, max_batch_size=args.max_batch_size,
         checkpoint_dir=args.checkpoint_dir, durable_checkpoints=args.durable_checkpoints,
+        rounds=_rounds_options(args),
     ).start()
     print(f"serving {args.model} on {server.address} "
           f"({'INSECURE, no TLS' if args.insecure else 'TLS'}); Ctrl-C to stop", flush=True)
@@ -103,7 +114,8 @@ def _client(args) -> int:
                  args.learning_rate, root_certificates=args.ca, certificate=args.cert,
                  private_key=args.key, insecure=args.insecure, compression=args.compression,
                  checkpoint_dir=args.checkpoint_dir, seed=args.seed,
-                 durable_checkpoints=args.durable_checkpoints)
+                 durable_checkpoints=args.durable_checkpoints, shard=args.shard,
+                 rounds=args.rounds)
     return 0
 
 
@@ -153,6 +165,18 @@ def _network_commands(commands) -> None:
                        help="checkpoint after every step here, and resume from it on start")
     serve.add_argument("--durable-checkpoints", action="store_true",
                        help="fsync each checkpoint (survive power loss, not only a crash)")
+    serve.add_argument("--rounds", type=int,
+                       help="coordinate this many rounds of client processes")
+    serve.add_argument("--round-mode", default="round_robin",
+                       choices=["round_robin", "splitfed", "sflv1"],
+                       help="round-robin turns, SplitFed (shared server half) or SFLv1 "
+                            "(a server copy per client)")
+    serve.add_argument("--clients", type=int, default=2,
+                       help="clients the first round waits for (default 2)")
+    serve.add_argument("--turn-timeout", type=float, default=120.0,
+                       help="seconds a client has to report its turn before it is dropped")
+    serve.add_argument("--client-model",
+                       help="the client half (.keras): its initial weights, for --rounds")
     serve.set_defaults(run=_serve)
 
     client = commands.add_parser(
@@ -175,7 +199,19 @@ def _network_commands(commands) -> None:
     client.add_argument("--durable-checkpoints", action="store_true",
                         help="fsync each checkpoint (survive power loss, not only a crash)")
     client.add_argument("--seed", type=int, default=0, help="seed of the shuffle (default 0)")
+    client.add_argument("--shard", type=_shard, help="I/K: train on the I-th of K IID shares "
+                                                     "of the data (one hospital of K)")
+    client.add_argument("--rounds", action="store_true",
+                        help="take part in the server's rounds (--epochs per turn)")
     client.set_defaults(run=_client)
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/K (e.g. 0/3), received {text!r}") from None
+    return index, count
 
 
 def build_parser() -> argparse.ArgumentParser:

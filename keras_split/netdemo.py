@@ -21,7 +21,9 @@ import keras
 from keras_split.datasets import load_pneumoniamnist_balanced
 from keras_split.demo import DEFAULT_CUT, build_demo_cnn
 from keras_split.grpc_transport import SplitClient
+from keras_split.rounds import PerClientRole, RoundCoordinator
 from keras_split.server import SplitServer
+from keras_split.sharding import shard_iid
 from keras_split.split_model import split
 
 
@@ -55,7 +57,14 @@ def read_tokens(path) -> dict[str, str]:
     return tokens
 
 
-def make_server(model_path, loss, from_logits, optimizer, learning_rate, metrics, **options):
+def make_server(model_path, loss, from_logits, optimizer, learning_rate, metrics,
+                rounds=None, **options):
+    """A `SplitServer` for a saved server half.
+
+    `rounds`: to coordinate rounds of client processes, a dict with `mode`
+    ("round_robin", "splitfed" or "sflv1"), `rounds`, `clients`, `turn_timeout`
+    and `client_model` (the client half's file: its initial weights).
+    """
     model = keras.models.load_model(model_path)  # the operator's own file, not a peer's
     loss_object = loss
     if from_logits:
@@ -72,21 +81,47 @@ def make_server(model_path, loss, from_logits, optimizer, learning_rate, metrics
             ) from error
     optimizer_object = keras.optimizers.get(optimizer)
     optimizer_object.learning_rate = learning_rate
+    if rounds is not None:
+        mode = rounds["mode"]
+        if mode == "sflv1":
+            options["role"] = PerClientRole(model, optimizer_object, loss_object, metrics)
+        weights = keras.models.load_model(rounds["client_model"]).get_weights()
+        options["coordinator"] = RoundCoordinator(
+            weights, "round_robin" if mode == "round_robin" else "splitfed",
+            rounds=rounds["rounds"], clients=rounds["clients"],
+            turn_timeout=rounds["turn_timeout"], server=options.get("role"))
     return SplitServer(model, loss_object, optimizer_object, metrics, **options)
 
 
 def train_client(model_path, server, token, epochs, batch_size, learning_rate, print_fn=print,
-                 compression=None, checkpoint_dir=None, seed=0, **options):
+                 compression=None, checkpoint_dir=None, seed=0, shard=None, rounds=False,
+                 **options):
     """Train the client half on the shipped data; resumable with `checkpoint_dir`.
 
     SIGTERM stops after the current step with the checkpoint written; running
-    the same call again carries on from there.
+    the same call again carries on from there. `shard=(i, k)` trains on the
+    i-th of k IID shares of the data (a hospital among k); `rounds=True` takes
+    part in the server's rounds (`epochs` per turn) instead of a plain fit.
     """
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = load_pneumoniamnist_balanced()
+    if shard is not None:
+        index, count = shard
+        if not 0 <= index < count:
+            raise ValueError(f"--shard must be I/K with 0 <= I < K, received {index}/{count}.")
+        x_train, y_train = shard_iid(x_train, y_train, count, seed=0)[index]
     keras.utils.set_random_seed(seed)
     client = SplitClient(keras.models.load_model(model_path), server=server, token=token,
                          checkpoint_dir=checkpoint_dir, **options)
     client.compile(optimizer=keras.optimizers.Adam(learning_rate), compression=compression)
+    if rounds:
+        trained = client.train_rounds(x_train, y_train, batch_size=batch_size,
+                                      epochs_per_turn=epochs, seed=seed,
+                                      on_turn=lambda r: print_fn(f"round {r}: my turn"))
+        print_fn(f"trained in rounds {trained}")
+        logs = client.evaluate(x_test, y_test, verbose=0, return_dict=True)
+        print_fn(f"test: {', '.join(f'{k} {v:.4f}' for k, v in logs.items())} "
+                 "(this client's last turn)")
+        return logs
     handle_sigterm = threading.current_thread() is threading.main_thread()
     if handle_sigterm:
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: client.interrupt())

@@ -44,3 +44,28 @@ def test_serve_without_tls_material_is_a_clear_cli_error(tmp_path, capsys):
     code = cli.main(["serve", "--model", str(server_path), "--token-file", str(tokens)])
     assert code == 2
     assert "TLS is on by default" in capsys.readouterr().err
+
+
+def test_serve_with_rounds_builds_a_coordinator(tmp_path, capsys):
+    from keras_split.rounds import PerClientRole
+
+    client_path, server_path = netdemo.save_halves(tmp_path)
+    options = {"mode": "sflv1", "rounds": 2, "clients": 3, "turn_timeout": 5.0,
+               "client_model": client_path}
+    server = netdemo.make_server(server_path, "sparse_categorical_crossentropy", True, "adam",
+                                 1e-3, None, rounds=options, tokens={"t": "a"}, insecure=True)
+    try:
+        assert server.coordinator.mode == "splitfed" and server.coordinator.expected == 3
+        assert isinstance(server.role, PerClientRole) and server.coordinator.server is server.role
+        assert len(server.coordinator.weights) == len(keras.models.load_model(
+            client_path).get_weights())
+    finally:
+        server.stop()
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("t a\n")
+    code = cli.main(["serve", "--model", str(server_path), "--token-file", str(tokens),
+                     "--insecure", "--rounds", "2"])
+    assert code == 2 and "--rounds needs --client-model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["client", "--model", "m", "--server", "s", "--shard", "two"])
+    assert "expected I/K (e.g. 0/3), received 'two'" in capsys.readouterr().err
