@@ -28,7 +28,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_split  # noqa: E402
-from keras_split.demo import build_demo_cnn, demo_loss  # noqa: E402
+from keras_split.apps.demo import build_demo_cnn, demo_loss  # noqa: E402
 from keras_split.export import export_client, export_inference  # noqa: E402
 from keras_split.messages import Reply  # noqa: E402
 from keras_split_edge import load  # noqa: E402

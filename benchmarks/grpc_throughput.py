@@ -26,8 +26,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 
 import keras_split  # noqa: E402
-from keras_split.demo import build_demo_cnn, demo_loss  # noqa: E402
-from keras_split.devcerts import write_dev_certificates  # noqa: E402
+from keras_split.apps.demo import build_demo_cnn, demo_loss  # noqa: E402
+from keras_split.network.devcerts import write_dev_certificates  # noqa: E402
 
 CODECS = ["none", "float16", "bfloat16", "int8", "topk:0.1"]
 

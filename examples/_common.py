@@ -7,7 +7,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 
 import keras_split  # noqa: E402
-from keras_split.demo import build_demo_cnn, demo_loss  # noqa: E402
+from keras_split.apps.demo import build_demo_cnn, demo_loss  # noqa: E402
 
 LOSS = demo_loss()
 

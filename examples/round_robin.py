@@ -11,8 +11,8 @@ import keras
 from _common import LOSS, demo_model, unsplit_accuracy, xray_data
 
 import keras_split
-from keras_split import sharding
-from keras_split.federation import RoundRobin
+from keras_split.configurations import sharding
+from keras_split.configurations.federation import RoundRobin
 
 
 def main():

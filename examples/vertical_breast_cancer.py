@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 from sklearn.datasets import load_breast_cancer  # noqa: E402
 
 import keras_split  # noqa: E402
-from keras_split import sharding  # noqa: E402
+from keras_split.configurations import sharding  # noqa: E402
 
 GROUPS = {"mean": slice(0, 10), "error": slice(10, 20), "worst": slice(20, 30)}
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)

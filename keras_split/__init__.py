@@ -14,18 +14,21 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 # ruff: noqa: E402
 
-from keras_split import codecs, datasets, sharding
-from keras_split.chain import RelayRole, SplitChain, split_chain
-from keras_split.federation import RoundRobin, SplitFed, fedavg
-from keras_split.grpc_transport import GrpcTransport, ServerError, SplitClient
+from keras_split import datasets
+from keras_split.configurations import sharding
+from keras_split.configurations.chain import RelayRole, SplitChain, split_chain
+from keras_split.configurations.federation import RoundRobin, SplitFed, fedavg
+from keras_split.configurations.multitask import FanOut, MultiTaskSplit, split_multitask
+from keras_split.configurations.vertical import VerticalSplit, split_vertical
 from keras_split.messages import Activations, Reply
-from keras_split.multitask import FanOut, MultiTaskSplit, split_multitask
+from keras_split.network.client import SplitClient
+from keras_split.network.server import SplitServer
+from keras_split.network.transport import GrpcTransport, ServerError
 from keras_split.partition import CutCandidate, CutSpec, cut_candidates
 from keras_split.roles import ClientRole, ClientStep, ServerRole
-from keras_split.server import SplitServer
 from keras_split.split_model import SplitModel, split
 from keras_split.transport import ByteCounter, InProcessTransport, Transport
-from keras_split.vertical import VerticalSplit, split_vertical
+from keras_split_wire import codecs
 
 __version__ = "0.1.0"
 

@@ -17,25 +17,7 @@ import keras
 import numpy as np
 
 from keras_split.graph import Call, Graph, is_graph_model, read_graph, tensor_key
-
-
-@dataclass(frozen=True)
-class CutSpec:
-    """One tensor that crosses the cut.
-
-    Attributes:
-        name: the name the server half gives this input (the cut layer's name,
-            with `:i` appended when the layer has several outputs).
-        shape: the tensor's shape, batch dimension first (`None`).
-        dtype: its dtype name, e.g. `"float32"`.
-        bytes_per_sample: payload bytes one sample adds on the wire, or `None`
-            when a non-batch dimension is unknown.
-    """
-
-    name: str
-    shape: tuple
-    dtype: str
-    bytes_per_sample: int | None
+from keras_split_wire.tensors import CutSpec
 
 
 @dataclass(frozen=True)
@@ -56,14 +38,8 @@ class CutCandidate:
 
 
 def spec_of(name: str, tensor) -> CutSpec:
-    shape = tuple(tensor.shape)
-    dtype = keras.backend.standardize_dtype(tensor.dtype)
-    tail = shape[1:]
-    if any(d is None for d in tail):
-        nbytes = None
-    else:
-        nbytes = int(np.prod(tail, dtype=np.int64)) * np.dtype(dtype).itemsize
-    return CutSpec(name=name, shape=shape, dtype=dtype, bytes_per_sample=nbytes)
+    """The `CutSpec` of a Keras tensor."""
+    return CutSpec.of(name, keras.backend.standardize_dtype(tensor.dtype), tuple(tensor.shape))
 
 
 def check_graph_model(model) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from keras_split import codecs, trainer
+from keras_split import trainer
 from keras_split.partition import CutSpec, build_halves, io_structure, spec_of
 from keras_split.roles import ClientRole, ServerRole
 from keras_split.transport import InProcessTransport, Transport
+from keras_split_wire import codecs
 
 
 def split(model: keras.Model, cut) -> SplitModel:
@@ -173,7 +174,7 @@ class SplitModel(trainer.LoopOwner):
             transport: a `Transport` to the server; by default an in-process one.
             compression: codec for the cut tensors of the in-process transport
                 (None, "float16", "bfloat16", "int8", "topk", "topk:0.05", see
-                `keras_split.codecs`): the same encoding as on the network, to
+                `keras_split_wire.codecs`): the same encoding as on the network, to
                 measure its effect on accuracy and bytes.
         """
         codec = codecs.get(compression)

@@ -12,8 +12,8 @@ import abc
 import dataclasses
 from dataclasses import dataclass
 
-from keras_split import codecs
 from keras_split.messages import Activations, Reply, payload_bytes
+from keras_split_wire import codecs
 
 
 @dataclass

@@ -10,8 +10,9 @@ import pytest
 import tensorflow as tf
 
 import keras_split
-from keras_split import codecs, wire
-from keras_split.proto import split_pb2 as pb
+from keras_split.network import convert as wire
+from keras_split_wire import codecs
+from keras_split_wire.proto import split_pb2 as pb
 from tests import models
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)

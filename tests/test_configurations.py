@@ -10,12 +10,12 @@ import pytest
 from sklearn.datasets import load_breast_cancer
 
 import keras_split
-from keras_split import sharding
-from keras_split.chain import split_chain
-from keras_split.federation import RoundRobin, SplitFed, fedavg
-from keras_split.multitask import split_multitask
+from keras_split.configurations import sharding
+from keras_split.configurations.chain import split_chain
+from keras_split.configurations.federation import RoundRobin, SplitFed, fedavg
+from keras_split.configurations.multitask import split_multitask
+from keras_split.configurations.vertical import split_vertical
 from keras_split.transport import Transport
-from keras_split.vertical import split_vertical
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -136,7 +136,7 @@ def _two_heads():
 
 
 def test_u_shaped_step_that_fails_leaves_no_labels_behind(rng):
-    from keras_split.chain import KeepLabels
+    from keras_split.configurations.chain import KeepLabels
 
     x, y = _data(rng, 16)
     model = _mlp()
@@ -335,7 +335,7 @@ def _link(server, specs):
 
 
 def test_multi_hop_over_grpc_equals_unsplit(rng):
-    from keras_split.chain import RelayRole
+    from keras_split.configurations.chain import RelayRole
 
     x, y = _data(rng)
     model = _mlp()
@@ -357,7 +357,7 @@ def test_multi_hop_over_grpc_equals_unsplit(rng):
 
 
 def test_u_shaped_over_grpc_keeps_labels_on_the_client(rng):
-    from keras_split.chain import JoinLabels, KeepLabels, LabelStore, RelayRole
+    from keras_split.configurations.chain import JoinLabels, KeepLabels, LabelStore, RelayRole
     from keras_split.roles import ServerRole
 
     x, y = _data(rng)
@@ -468,8 +468,8 @@ def test_vertical_parties_over_grpc_equal_in_process(tmp_path):
     import sys
     from pathlib import Path
 
+    from keras_split.configurations.vertical import GatherRole
     from keras_split.roles import ServerRole
-    from keras_split.vertical import GatherRole
 
     data = load_breast_cancer()
     x = ((data.data - data.data.mean(0)) / data.data.std(0)).astype("float32")[:256]
@@ -513,7 +513,7 @@ def test_vertical_parties_over_grpc_equal_in_process(tmp_path):
 
 
 def test_a_relay_whose_downstream_is_gone_says_so_upstream(rng):
-    from keras_split.chain import RelayRole
+    from keras_split.configurations.chain import RelayRole
 
     x, y = _data(rng, 16)
     first, middle, last = split_chain(_mlp(), ["a", "b"]).segments

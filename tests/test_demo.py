@@ -2,8 +2,8 @@
 
 import pytest
 
-from keras_split import cli
-from keras_split.demo import run_demo
+from keras_split.apps import cli
+from keras_split.apps.demo import run_demo
 
 
 def test_demo_split_matches_unsplit_and_counts_bytes():

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import keras_split
+from keras_split.apps.demo import build_demo_cnn, demo_loss
 from keras_split.datasets import load_pneumoniamnist_balanced
-from keras_split.demo import build_demo_cnn, demo_loss
-from keras_split.devcerts import write_dev_certificates
 from keras_split.export import export_client
+from keras_split.network.devcerts import write_dev_certificates
 from keras_split.roles import ClientRole
 from keras_split_edge import load
 from tests.test_export import _bn_client

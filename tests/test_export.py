@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 import keras_split
-from keras_split.demo import build_demo_cnn
+from keras_split.apps.demo import build_demo_cnn
 from keras_split.export import (
     UnsupportedLayerError,
     UnsupportedOptimizerError,

@@ -2,9 +2,6 @@
 refusal of bad messages without any change of server state."""
 
 import logging
-import subprocess
-import sys
-from pathlib import Path
 
 import grpc
 import keras
@@ -14,12 +11,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import keras_split
-from keras_split import devcerts as certs
-from keras_split import wire
-from keras_split.grpc_transport import SplitClient
-from keras_split.proto import split_pb2 as pb
-from keras_split.proto import split_pb2_grpc as pb_grpc
-from keras_split.server import SplitServer
+from keras_split.network import convert as wire
+from keras_split.network import devcerts as certs
+from keras_split.network.client import SplitClient
+from keras_split.network.server import SplitServer
+from keras_split_wire import tensors
+from keras_split_wire.proto import split_pb2 as pb
+from keras_split_wire.proto import split_pb2_grpc as pb_grpc
 from tests import models
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -210,7 +208,7 @@ def test_tls_is_required_unless_insecure(caplog):
     split = keras_split.split(model, cut)
     with pytest.raises(ValueError, match=r"TLS is on by default: pass `certificate`"):
         SplitServer(split.server, LOSS, tokens={TOKEN: "a"})
-    with caplog.at_level(logging.WARNING, logger="keras_split.server"):
+    with caplog.at_level(logging.WARNING, logger="keras_split.network.server"):
         server = SplitServer(split.server, LOSS, tokens={TOKEN: "a"}, insecure=True)
     server.stop()
     assert "WITHOUT TLS" in caplog.text
@@ -224,7 +222,7 @@ def test_cut_mismatch_is_refused_at_open(ca, server_pair):
     try:
         client = SplitClient(other, server=f"127.0.0.1:{server.port}", token=TOKEN,
                              root_certificates=ca.pem)
-        with pytest.raises(keras_split.grpc_transport.ServerError,
+        with pytest.raises(keras_split.network.transport.ServerError,
                            match=r"cut mismatch: the client sends \[\(.float32., \(None, 6"):
             client.compile("sgd")
     finally:
@@ -377,7 +375,7 @@ def test_oversized_message_is_refused(server_pair, ca):
 
 _tensors = st.builds(
     pb.Tensor,
-    dtype=st.sampled_from(sorted(wire.DTYPES) + ["object", "U8", "V4", "", "float32 "]),
+    dtype=st.sampled_from(sorted(tensors.DTYPES) + ["object", "U8", "V4", "", "float32 "]),
     shape=st.lists(st.integers(-2, 6), max_size=5),
     data=st.binary(max_size=600),
     codec=st.sampled_from(["none", "", "int8", "zip"]),
@@ -432,20 +430,6 @@ def test_fuzzed_compressed_tensors_never_change_state(raw, tensor, codec):
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
         assert "activations[0]" in error.details()
         _assert_unchanged(before, split)
-
-
-def test_generated_code_is_fresh(tmp_path):
-    root = Path(__file__).resolve().parent.parent
-    script = root / "keras_split" / "proto" / "generate.py"
-    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, cwd=root)
-    generated = [Path("keras_split/proto") / n for n in ("split_pb2.py", "split_pb2_grpc.py")]
-    generated += [Path("edge/keras_split_edge/proto") / n for n in ("split.proto", "split_pb2.py")]
-    for name in generated:
-        fresh, committed = (tmp_path / name).read_text(), (root / name).read_text()
-        assert fresh == committed, f"{name} is stale: run python keras_split/proto/generate.py"
-    # The device runtime carries the same codecs (it may not import keras_split).
-    assert (root / "edge/keras_split_edge/codecs.py").read_text() == \
-        (root / "keras_split/codecs.py").read_text(), "copy keras_split/codecs.py to edge/"
 
 
 def test_logs_keep_their_order_across_the_wire():

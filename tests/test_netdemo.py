@@ -4,8 +4,8 @@ import keras
 import numpy as np
 import pytest
 
-from keras_split import cli, netdemo
-from keras_split.demo import build_demo_cnn
+from keras_split.apps import cli, netdemo
+from keras_split.apps.demo import build_demo_cnn
 
 
 def test_saved_halves_compose_to_the_demo_model(tmp_path):
@@ -47,7 +47,7 @@ def test_serve_without_tls_material_is_a_clear_cli_error(tmp_path, capsys):
 
 
 def test_serve_with_rounds_builds_a_coordinator(tmp_path, capsys):
-    from keras_split.rounds import PerClientRole
+    from keras_split.configurations.rounds import PerClientRole
 
     client_path, server_path = netdemo.save_halves(tmp_path)
     options = {"mode": "sflv1", "rounds": 2, "clients": 3, "turn_timeout": 5.0,

@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 
 import keras_split
-from keras_split import checkpoint, netdemo
+from keras_split import checkpoint
+from keras_split.apps import netdemo
 from keras_split.datasets import load_pneumoniamnist_balanced
-from keras_split.devcerts import write_dev_certificates
-from keras_split.server import _Session
+from keras_split.network.devcerts import write_dev_certificates
+from keras_split.network.server import _Session
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 TOKEN = "resume-token"
@@ -97,7 +98,7 @@ def _wait_for(process, text, timeout=60.0):
 
 
 def _start_server(setup, port, checkpoints):
-    command = [sys.executable, "-m", "keras_split.cli", "serve", "--model",
+    command = [sys.executable, "-m", "keras_split.apps.cli", "serve", "--model",
                str(setup["server"]), "--from-logits", "--learning-rate", "1e-3",
                "--address", f"127.0.0.1:{port}", "--cert", str(setup["certs"]["server_cert"]),
                "--key", str(setup["certs"]["server_key"]), "--token-file", str(setup["tokens"]),
@@ -184,7 +185,7 @@ def test_server_killed_mid_epoch_resumes_without_losing_or_repeating_a_step(setu
 
 
 def _client_command(setup, port, checkpoints):
-    return [sys.executable, "-m", "keras_split.cli", "client", "--model", str(setup["client"]),
+    return [sys.executable, "-m", "keras_split.apps.cli", "client", "--model", str(setup["client"]),
             "--server", f"127.0.0.1:{port}", "--token", TOKEN, "--ca",
             str(setup["certs"]["ca"]), "--epochs", "2", "--batch-size", str(BATCH),
             "--checkpoint-dir", str(checkpoints), "--seed", "0"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import keras_split
-from keras_split.rounds import RoundCoordinator, RoundError
+from keras_split.configurations.rounds import RoundCoordinator, RoundError
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 HERE = Path(__file__).resolve().parent
@@ -116,9 +116,9 @@ def test_a_killed_client_is_dropped_and_rejoins(tmp_path, rng, mode):
 def test_turn_and_report_refuse_bad_calls():
     import grpc
 
-    from keras_split import wire
-    from keras_split.proto import split_pb2 as pb
-    from keras_split.proto import split_pb2_grpc as pb_grpc
+    from keras_split.network import convert as wire
+    from keras_split_wire.proto import split_pb2 as pb
+    from keras_split_wire.proto import split_pb2_grpc as pb_grpc
 
     split = _split()
     coordinator = RoundCoordinator(split.client.get_weights(), "splitfed", rounds=1,
@@ -163,8 +163,8 @@ def test_turn_and_report_refuse_bad_calls():
 
 
 def test_splitfed_v1_with_client_processes_equals_in_process(tmp_path, rng):
-    from keras_split.federation import SplitFed
-    from keras_split.rounds import PerClientRole
+    from keras_split.configurations.federation import SplitFed
+    from keras_split.configurations.rounds import PerClientRole
 
     data = [(rng.normal(size=(48, 10)).astype("float32"), rng.integers(0, 3, 48))
             for _ in range(3)]

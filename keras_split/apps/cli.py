@@ -8,7 +8,7 @@ import sys
 
 
 def _demo(args) -> int:
-    from keras_split.demo import build_demo_cnn, run_demo
+    from keras_split.apps.demo import build_demo_cnn, run_demo
     from keras_split.partition import cut_candidates
 
     if args.list_cuts:
@@ -23,7 +23,7 @@ def _demo(args) -> int:
 
 
 def _halves(args) -> int:
-    from keras_split.netdemo import save_halves
+    from keras_split.apps.netdemo import save_halves
 
     client, server = save_halves(args.out, cut=args.cut)
     print(f"wrote {client} (keep on the client) and {server} (give to the server)")
@@ -38,7 +38,7 @@ def _export(args) -> int:
     if args.model:
         client = keras.models.load_model(args.model)  # the user's own file
     else:
-        from keras_split.netdemo import save_halves
+        from keras_split.apps.netdemo import save_halves
 
         client_path, _ = save_halves(args.out, cut=args.cut, seed=args.seed)
         client = keras.models.load_model(client_path)
@@ -54,7 +54,7 @@ def _export(args) -> int:
 
 
 def _certs(args) -> int:
-    from keras_split.devcerts import write_dev_certificates
+    from keras_split.network.devcerts import write_dev_certificates
 
     for name, path in write_dev_certificates(args.out).items():
         print(f"{name:12} {path}")
@@ -83,7 +83,7 @@ def _rounds_options(args):
 def _serve(args) -> int:
     import logging
 
-    from keras_split.netdemo import make_server, read_tokens
+    from keras_split.apps.netdemo import make_server, read_tokens
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     server = make_server(
@@ -108,7 +108,7 @@ def _serve(args) -> int:
 
 
 def _client(args) -> int:
-    from keras_split.netdemo import train_client
+    from keras_split.apps.netdemo import train_client
 
     train_client(args.model, args.server, args.token, args.epochs, args.batch_size,
                  args.learning_rate, root_certificates=args.ca, certificate=args.cert,

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import keras
 
+from keras_split.apps.demo import DEFAULT_CUT, build_demo_cnn
+from keras_split.configurations.rounds import PerClientRole, RoundCoordinator
+from keras_split.configurations.sharding import shard_iid
 from keras_split.datasets import load_pneumoniamnist_balanced
-from keras_split.demo import DEFAULT_CUT, build_demo_cnn
-from keras_split.grpc_transport import SplitClient
-from keras_split.rounds import PerClientRole, RoundCoordinator
-from keras_split.server import SplitServer
-from keras_split.sharding import shard_iid
+from keras_split.network.client import SplitClient
+from keras_split.network.server import SplitServer
 from keras_split.split_model import split
 
 

@@ -35,7 +35,7 @@ from keras_split.roles import ServerRole
 from keras_split.split_model import SplitModel
 from keras_split.transport import InProcessTransport, Transport
 
-logger = logging.getLogger("keras_split.federation")
+logger = logging.getLogger("keras_split.configurations.federation")
 FAILURES = (ConnectionError, TimeoutError)
 
 

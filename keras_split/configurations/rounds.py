@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
-from keras_split.federation import fedavg
+from keras_split.configurations.federation import fedavg
 from keras_split.roles import ServerRole
 
 

@@ -1,7 +1,7 @@
 """Health-imaging data for examples: the shipped chest X-ray subset and MedMNIST.
 
 `load_pneumoniamnist_balanced()` works offline: the package ships a
-class-balanced subset of PneumoniaMNIST (see `keras_split/data/NOTICE.md` for
+class-balanced subset of PneumoniaMNIST (see `keras_split/datasets/data/NOTICE.md` for
 its licence, attribution and why results on it must say "balanced
 PneumoniaMNIST subset"). `load_medmnist(name)` downloads an official MedMNIST
 v2 file (28x28) once, checks its MD5, and reads it; use it on Colab or a
@@ -94,7 +94,7 @@ def load_pneumoniamnist_balanced() -> Splits:
     Returns:
         ((x_train, y_train), (x_val, y_val), (x_test, y_test)).
     """
-    resource = resources.files("keras_split") / "data" / "pneumoniamnist_balanced.npz"
+    resource = resources.files("keras_split.datasets") / "data" / "pneumoniamnist_balanced.npz"
     with resources.as_file(resource) as path:
         if md5_of(path) != BALANCED_PNEUMONIA_MD5:
             raise OSError(

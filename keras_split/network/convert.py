@@ -1,98 +1,31 @@
-"""Tensors and messages on the wire: encode, decode, and validate.
+"""Split-step messages as protobuf: `Activations` and `Reply` to and from the wire.
 
-A tensor is sent as its dtype name, shape and raw C-order little-endian bytes.
-Decoding checks everything before a single TensorFlow op can see the data:
-the dtype is one of a fixed numeric set, the shape is non-negative and within
-limits, the byte length equals the shape times the item size, the shape fits
-the negotiated cut spec, a compressed tensor uses the negotiated codec and its
-fields fit it (see `codecs`), and floating-point values are finite. Anything else
-raises `WireError`, which names the offending field.
+Every tensor goes through `keras_split_wire.tensors` (encode, and on receipt
+the checks against the cut spec and the limits); this module adds what the
+TensorFlow library's messages need beside the tensors: labels as a structure,
+sample weights, logs in Keras's order, and outputs.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from keras_split import codecs
 from keras_split.messages import MODES, Activations, Reply
-from keras_split.partition import CutSpec
-from keras_split.proto import split_pb2 as pb
-
-PROTOCOL_VERSION = 1
-# Numeric dtypes only: object, string and void dtypes could smuggle structure.
-DTYPES = frozenset(
-    ["bool", "uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64"]
+from keras_split_wire import PROTOCOL_VERSION, codecs
+from keras_split_wire.proto import split_pb2 as pb
+from keras_split_wire.tensors import (
+    CutSpec,
+    WireError,
+    check_against_spec,
+    decode,
+    encode,
+    spec_from_pb,
+    spec_to_pb,
 )
-MAX_RANK = 8
 
-
-class WireError(ValueError):
-    """A message that does not decode to what the protocol allows."""
-
-    def __init__(self, field: str, problem: str):
-        super().__init__(f"{field}: {problem}")
-        self.field = field
-
-
-def encode(array, name: str = "", codec: codecs.Codec = codecs.NONE) -> pb.Tensor:
-    array = np.asarray(array)
-    dtype = array.dtype.name
-    if dtype not in DTYPES:
-        raise TypeError(f"Cannot send a {dtype} tensor; supported dtypes: {sorted(DTYPES)}.")
-    tensor = pb.Tensor(name=name, dtype=dtype, shape=list(array.shape))
-    codec.encode(array, tensor)
-    return tensor
-
-
-def decode(tensor: pb.Tensor, field: str, max_elements: int, finite: bool = True,
-           codec: codecs.Codec = codecs.NONE) -> np.ndarray:
-    """Validate and decode one tensor; it may use `codec` or travel uncompressed."""
-    if tensor.codec not in ("", "none", codec.name):
-        raise WireError(field, f"codec {tensor.codec!r} was not negotiated; expected "
-                               f"{sorted({'none', codec.name})}")
-    if tensor.dtype not in DTYPES:
-        raise WireError(field, f"dtype {tensor.dtype!r} is not allowed; expected one of "
-                               f"{sorted(DTYPES)}")
-    shape = tuple(int(d) for d in tensor.shape)
-    if len(shape) > MAX_RANK or any(d < 0 for d in shape):
-        raise WireError(field, f"invalid shape {shape}")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    if count > max_elements:
-        raise WireError(field, f"{count} elements exceed the limit of {max_elements}")
-    if tensor.codec not in ("", "none") and tensor.dtype not in codecs.FLOAT_DTYPES:
-        raise WireError(field, f"codec {tensor.codec!r} applies to floating-point tensors, "
-                               f"not {tensor.dtype}")
-    try:
-        array = codecs.decoder(tensor.codec).decode(tensor, shape, np.dtype(tensor.dtype))
-    except codecs.CodecError as error:
-        raise WireError(field, str(error)) from None
-    if finite and array.dtype.kind == "f" and not np.all(np.isfinite(array)):
-        raise WireError(field, "contains NaN or Inf")
-    return array
-
-
-def spec_to_pb(spec: CutSpec) -> pb.CutTensorSpec:
-    return pb.CutTensorSpec(name=spec.name, dtype=spec.dtype,
-                            shape=[-1 if d is None else d for d in spec.shape])
-
-
-def spec_from_pb(spec: pb.CutTensorSpec) -> tuple[str, tuple]:
-    return spec.dtype, tuple(None if d < 0 else d for d in spec.shape)
-
-
-def check_against_spec(array: np.ndarray, spec: CutSpec, field: str, batch: int | None) -> None:
-    if array.dtype.name != spec.dtype:
-        raise WireError(field, f"dtype {array.dtype.name}, expected {spec.dtype} (cut "
-                               f"tensor {spec.name!r})")
-    if array.ndim != len(spec.shape):
-        raise WireError(field, f"rank {array.ndim} (shape {array.shape}), expected rank "
-                               f"{len(spec.shape)} {spec.shape}")
-    for axis, (got, want) in enumerate(zip(array.shape[1:], spec.shape[1:], strict=True)):
-        if want is not None and got != want:
-            raise WireError(field, f"shape {array.shape}, expected {spec.shape} (axis "
-                                   f"{axis + 1})")
-    if batch is not None and array.shape[0] != batch:
-        raise WireError(field, f"batch size {array.shape[0]}, but the activations have {batch}")
+__all__ = ["PROTOCOL_VERSION", "CutSpec", "WireError", "check_against_spec", "decode", "encode",
+           "request_from_pb", "request_to_pb", "reply_from_pb", "reply_to_pb", "spec_from_pb",
+           "spec_to_pb"]
 
 
 # -- messages ------------------------------------------------------------------

@@ -32,31 +32,19 @@ import grpc
 import numpy as np
 import tensorflow as tf
 
-from keras_split import checkpoint, codecs, wire
+from keras_split import checkpoint
+from keras_split.network import convert as wire
 from keras_split.partition import CutSpec, spec_of
-from keras_split.proto import split_pb2 as pb
-from keras_split.proto import split_pb2_grpc as pb_grpc
 from keras_split.roles import ServerRole
+from keras_split_wire import codecs, rpc
+from keras_split_wire.proto import split_pb2 as pb
+from keras_split_wire.proto import split_pb2_grpc as pb_grpc
 
-logger = logging.getLogger("keras_split.server")
-
-# Room for labels, sample weights and framing beside the cut tensors, per sample
-# and per message. Labels larger than this per sample need a larger limit.
-LABEL_BYTES_PER_SAMPLE = 4096
-MESSAGE_OVERHEAD = 1 << 20
-
-
-def _read(value) -> bytes | None:
-    if value is None or isinstance(value, bytes):
-        return value
-    with open(value, "rb") as f:
-        return f.read()
-
+logger = logging.getLogger("keras_split.network.server")
 
 def message_limit(specs, max_batch_size: int) -> int:
     """Largest request the server accepts: derived from the cut, not a default."""
-    per_sample = sum(s.bytes_per_sample or 0 for s in specs) + LABEL_BYTES_PER_SAMPLE
-    return max_batch_size * per_sample + MESSAGE_OVERHEAD
+    return rpc.message_limit([s.bytes_per_sample for s in specs], max_batch_size)
 
 
 class _TokenInterceptor(grpc.ServerInterceptor):
@@ -304,10 +292,10 @@ class SplitServer:
             and its clients carry on where they were.
         durable_checkpoints: also flush each checkpoint to disk (survives power
             loss, not only a killed process; costs an fsync per step).
-        coordinator: a `keras_split.rounds.RoundCoordinator`, to run rounds of
+        coordinator: a `keras_split.configurations.rounds.RoundCoordinator`, to run rounds of
             many client processes (round-robin, SplitFed) through this server.
         allowed_compression: names of the codecs clients may choose (see
-            `keras_split.codecs`); all of them by default. "none" is always allowed.
+            `keras_split_wire.codecs`); all of them by default. "none" is always allowed.
 
     Example:
 
@@ -331,7 +319,8 @@ class SplitServer:
             raise ValueError(
                 "Clients must authenticate: pass `tokens` ({token: client_id}), or `client_ca` "
                 "for mutual TLS (client certificates name the clients), or both.")
-        certificate, private_key = _read(certificate), _read(private_key)
+        certificate = rpc.read_pem(certificate, "certificate")
+        private_key = rpc.read_pem(private_key, "private key")
         if not insecure and (certificate is None or private_key is None):
             raise ValueError(
                 "TLS is on by default: pass `certificate` and `private_key` (PEM bytes or "
@@ -341,7 +330,7 @@ class SplitServer:
         if role is None:
             if loss is None:
                 raise ValueError("`SplitServer` needs a `loss` for its ServerRole, or a `role` "
-                                 "(e.g. a keras_split.chain.RelayRole for a middle party).")
+                                 "(e.g. a keras_split.RelayRole for a middle party).")
             role = ServerRole(model, optimizer, loss, metrics, loss_weights)
         self.role = role
         parties = len(getattr(role, "parties", ()))
@@ -382,7 +371,8 @@ class SplitServer:
             self.port = self._grpc.add_insecure_port(address)
         else:
             credentials = grpc.ssl_server_credentials(
-                [(private_key, certificate)], root_certificates=_read(client_ca),
+                [(private_key, certificate)],
+                root_certificates=rpc.read_pem(client_ca, "client CA"),
                 require_client_auth=client_ca is not None,
             )
             self.port = self._grpc.add_secure_port(address, credentials)

@@ -3,9 +3,9 @@
 import grpc
 import warnings
 
-from keras_split.proto import split_pb2 as keras__split_dot_proto_dot_split__pb2
+from keras_split_wire.proto import split_pb2 as keras__split__wire_dot_proto_dot_split__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.75.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in keras_split/proto/split_pb2_grpc.py depends on'
+        + f' but the generated code in keras_split_wire/proto/split_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class SplitLearningStub:
+class SplitLearningStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -36,27 +36,27 @@ class SplitLearningStub:
         """
         self.Open = channel.unary_unary(
                 '/keras_split.v1.SplitLearning/Open',
-                request_serializer=keras__split_dot_proto_dot_split__pb2.OpenRequest.SerializeToString,
-                response_deserializer=keras__split_dot_proto_dot_split__pb2.OpenReply.FromString,
+                request_serializer=keras__split__wire_dot_proto_dot_split__pb2.OpenRequest.SerializeToString,
+                response_deserializer=keras__split__wire_dot_proto_dot_split__pb2.OpenReply.FromString,
                 _registered_method=True)
         self.Step = channel.unary_unary(
                 '/keras_split.v1.SplitLearning/Step',
-                request_serializer=keras__split_dot_proto_dot_split__pb2.StepRequest.SerializeToString,
-                response_deserializer=keras__split_dot_proto_dot_split__pb2.StepReply.FromString,
+                request_serializer=keras__split__wire_dot_proto_dot_split__pb2.StepRequest.SerializeToString,
+                response_deserializer=keras__split__wire_dot_proto_dot_split__pb2.StepReply.FromString,
                 _registered_method=True)
         self.Turn = channel.unary_unary(
                 '/keras_split.v1.SplitLearning/Turn',
-                request_serializer=keras__split_dot_proto_dot_split__pb2.TurnRequest.SerializeToString,
-                response_deserializer=keras__split_dot_proto_dot_split__pb2.TurnReply.FromString,
+                request_serializer=keras__split__wire_dot_proto_dot_split__pb2.TurnRequest.SerializeToString,
+                response_deserializer=keras__split__wire_dot_proto_dot_split__pb2.TurnReply.FromString,
                 _registered_method=True)
         self.Report = channel.unary_unary(
                 '/keras_split.v1.SplitLearning/Report',
-                request_serializer=keras__split_dot_proto_dot_split__pb2.ReportRequest.SerializeToString,
-                response_deserializer=keras__split_dot_proto_dot_split__pb2.ReportReply.FromString,
+                request_serializer=keras__split__wire_dot_proto_dot_split__pb2.ReportRequest.SerializeToString,
+                response_deserializer=keras__split__wire_dot_proto_dot_split__pb2.ReportReply.FromString,
                 _registered_method=True)
 
 
-class SplitLearningServicer:
+class SplitLearningServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Open(self, request, context):
@@ -88,23 +88,23 @@ def add_SplitLearningServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Open': grpc.unary_unary_rpc_method_handler(
                     servicer.Open,
-                    request_deserializer=keras__split_dot_proto_dot_split__pb2.OpenRequest.FromString,
-                    response_serializer=keras__split_dot_proto_dot_split__pb2.OpenReply.SerializeToString,
+                    request_deserializer=keras__split__wire_dot_proto_dot_split__pb2.OpenRequest.FromString,
+                    response_serializer=keras__split__wire_dot_proto_dot_split__pb2.OpenReply.SerializeToString,
             ),
             'Step': grpc.unary_unary_rpc_method_handler(
                     servicer.Step,
-                    request_deserializer=keras__split_dot_proto_dot_split__pb2.StepRequest.FromString,
-                    response_serializer=keras__split_dot_proto_dot_split__pb2.StepReply.SerializeToString,
+                    request_deserializer=keras__split__wire_dot_proto_dot_split__pb2.StepRequest.FromString,
+                    response_serializer=keras__split__wire_dot_proto_dot_split__pb2.StepReply.SerializeToString,
             ),
             'Turn': grpc.unary_unary_rpc_method_handler(
                     servicer.Turn,
-                    request_deserializer=keras__split_dot_proto_dot_split__pb2.TurnRequest.FromString,
-                    response_serializer=keras__split_dot_proto_dot_split__pb2.TurnReply.SerializeToString,
+                    request_deserializer=keras__split__wire_dot_proto_dot_split__pb2.TurnRequest.FromString,
+                    response_serializer=keras__split__wire_dot_proto_dot_split__pb2.TurnReply.SerializeToString,
             ),
             'Report': grpc.unary_unary_rpc_method_handler(
                     servicer.Report,
-                    request_deserializer=keras__split_dot_proto_dot_split__pb2.ReportRequest.FromString,
-                    response_serializer=keras__split_dot_proto_dot_split__pb2.ReportReply.SerializeToString,
+                    request_deserializer=keras__split__wire_dot_proto_dot_split__pb2.ReportRequest.FromString,
+                    response_serializer=keras__split__wire_dot_proto_dot_split__pb2.ReportReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -114,7 +114,7 @@ def add_SplitLearningServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class SplitLearning:
+class SplitLearning(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -132,8 +132,8 @@ class SplitLearning:
             request,
             target,
             '/keras_split.v1.SplitLearning/Open',
-            keras__split_dot_proto_dot_split__pb2.OpenRequest.SerializeToString,
-            keras__split_dot_proto_dot_split__pb2.OpenReply.FromString,
+            keras__split__wire_dot_proto_dot_split__pb2.OpenRequest.SerializeToString,
+            keras__split__wire_dot_proto_dot_split__pb2.OpenReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -159,8 +159,8 @@ class SplitLearning:
             request,
             target,
             '/keras_split.v1.SplitLearning/Step',
-            keras__split_dot_proto_dot_split__pb2.StepRequest.SerializeToString,
-            keras__split_dot_proto_dot_split__pb2.StepReply.FromString,
+            keras__split__wire_dot_proto_dot_split__pb2.StepRequest.SerializeToString,
+            keras__split__wire_dot_proto_dot_split__pb2.StepReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -186,8 +186,8 @@ class SplitLearning:
             request,
             target,
             '/keras_split.v1.SplitLearning/Turn',
-            keras__split_dot_proto_dot_split__pb2.TurnRequest.SerializeToString,
-            keras__split_dot_proto_dot_split__pb2.TurnReply.FromString,
+            keras__split__wire_dot_proto_dot_split__pb2.TurnRequest.SerializeToString,
+            keras__split__wire_dot_proto_dot_split__pb2.TurnReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -213,8 +213,8 @@ class SplitLearning:
             request,
             target,
             '/keras_split.v1.SplitLearning/Report',
-            keras__split_dot_proto_dot_split__pb2.ReportRequest.SerializeToString,
-            keras__split_dot_proto_dot_split__pb2.ReportReply.FromString,
+            keras__split__wire_dot_proto_dot_split__pb2.ReportRequest.SerializeToString,
+            keras__split__wire_dot_proto_dot_split__pb2.ReportReply.FromString,
             options,
             channel_credentials,
             insecure,
