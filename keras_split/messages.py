@@ -17,6 +17,7 @@ import numpy as np
 
 Mode = Literal["train", "evaluate", "predict"]
 MODES = ("train", "evaluate", "predict")
+MAX_TRACE = 64
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,11 @@ class Activations:
         sample_weight: per-sample weights or None.
         reset_metrics: the server resets its metric state before this batch
             (first batch of an epoch or of an evaluation).
+        trace: an opaque id the sender gives this step. Middle parties
+            renumber `step` for their own sessions but pass `trace` on
+            unchanged, so a party further down can match a message to state
+            its sender kept for that step (U-shaped label keeping), with any
+            number of steps in flight. Empty when nobody needs it.
     """
 
     step: int
@@ -41,10 +47,14 @@ class Activations:
     labels: Any = None
     sample_weight: np.ndarray | None = None
     reset_metrics: bool = False
+    trace: str = ""
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"`mode` must be one of {MODES}, received {self.mode!r}.")
+        if len(self.trace) > MAX_TRACE or not self.trace.isascii():
+            raise ValueError(f"`trace` must be at most {MAX_TRACE} ASCII characters, received "
+                             f"{self.trace[:80]!r}.")
 
     @property
     def nbytes(self) -> int:

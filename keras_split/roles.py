@@ -11,8 +11,9 @@ be in flight at once (many clients, pipelining).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import keras
 import numpy as np
@@ -20,6 +21,7 @@ import tensorflow as tf
 
 from keras_split import checkpoint
 from keras_split.messages import Activations, Reply
+from keras_split.partition import CutSpec
 
 
 def copy_optimizer(optimizer) -> keras.optimizers.Optimizer:
@@ -354,3 +356,57 @@ class ServerRole:
             )
         logs = self._evaluate(message.tensors, message.labels, message.sample_weight)
         return Reply(step=message.step, logs={k: float(v) for k, v in logs.items()})
+
+
+# -- what a server asks of a role ------------------------------------------------
+#
+# A `SplitServer` (keras_split.network) serves any role that fits one of these
+# protocols; it never asks for a role's class, so the network layer does not
+# depend on the configurations that define the roles.
+
+
+class Stateful(Protocol):
+    """A role whose state a server checkpoints and restores."""
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Every array the role needs to resume: weights, optimizer, metrics."""
+        ...
+
+    def restore(self, arrays: dict[str, np.ndarray], path) -> None:
+        """Load what `state` returned (`path` names the checkpoint in errors)."""
+        ...
+
+
+@runtime_checkable
+class MessageHandler(Stateful, Protocol):
+    """Answers each message on its own: `ServerRole`, `RelayRole`, `JoinLabels`.
+
+    The server calls `handle` under its model lock, one message at a time.
+    """
+
+    def handle(self, message: Activations) -> Reply: ...
+
+
+@runtime_checkable
+class PartyHandler(Stateful, Protocol):
+    """Answers a message knowing which party (client id) sent it, and may wait
+    for other parties' messages of the same step: `GatherRole` (vertical),
+    `PerClientRole` (SFLv1).
+
+    It locks for itself: the server calls `handle_from` outside its model lock,
+    since holding it while one party waits would keep the others out.
+    """
+
+    def handle_from(self, party: str, message: Activations) -> Reply: ...
+
+
+@runtime_checkable
+class GatheringRole(PartyHandler, Protocol):
+    """A `PartyHandler` whose parties each send their own share of the cut
+    (vertically partitioned data), and whose steps wait for all of them."""
+
+    parties: list[str]
+
+    def specs_for(self, party: str, specs: Sequence[CutSpec]) -> Sequence[CutSpec]:
+        """The cut tensors `party` sends, out of the server half's `specs`."""
+        ...

@@ -28,7 +28,14 @@ class ByteCounter:
 
 
 class Transport(abc.ABC):
-    """One client's link to the server."""
+    """One client's link to the server.
+
+    A transport implements one method, `_exchange`: deliver a message, return
+    the reply and the bytes sent and received. `exchange` (what callers use)
+    adds the byte counts and checks that the reply answers the message. A
+    transport that wraps another (to keep labels back, record, or fail on
+    purpose) shares the inner one's `bytes` and returns 0 bytes of its own.
+    """
 
     def __init__(self):
         self.bytes = ByteCounter()

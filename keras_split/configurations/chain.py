@@ -22,8 +22,9 @@ gradients cross the wire.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
+import itertools
+import threading
 
 import keras
 import numpy as np
@@ -101,61 +102,78 @@ class RelayRole:
 
 
 class LabelStore:
-    """The client's labels, kept on the client (U-shaped learning).
+    """The client's labels, kept on the client (U-shaped learning), by step.
 
-    Steps are synchronous, so the labels of the message the client sends are
-    the ones its last segment needs when the middle's activations come round:
-    a queue suffices (and the middle party may renumber its messages).
+    The client's head keeps each step's labels under the step's `trace` (an id
+    it gives the message, which middle parties pass on unchanged while they
+    renumber `step`); its last segment takes them back by the same id when the
+    middle's activations come round. Keyed by step, not by arrival order, so
+    several steps may be in flight and a failed step leaves the others intact.
     """
 
     def __init__(self):
-        self._pending: collections.deque = collections.deque()
-        self._results: collections.deque = collections.deque()
+        self._pending: dict[str, tuple] = {}
+        self._results: dict[str, tuple] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
 
-    def put(self, labels, sample_weight) -> None:
-        self._pending.append((labels, sample_weight))
+    def new_trace(self) -> str:
+        """A fresh id for one step (unique within this store)."""
+        return f"u{next(self._ids)}"
 
-    def take(self):
-        if not self._pending:
-            raise RuntimeError("A message reached the client's last segment with no labels "
-                               "kept for it: the U-shaped chain lost track of its steps.")
-        return self._pending.popleft()
+    def put(self, trace: str, labels, sample_weight) -> None:
+        with self._lock:
+            self._pending[trace] = (labels, sample_weight)
 
-    def keep_result(self, logs, outputs) -> None:
+    def take(self, trace: str):
+        with self._lock:
+            if trace not in self._pending:
+                raise RuntimeError(
+                    f"A message (trace {trace!r}) reached the client's last segment with no "
+                    "labels kept for it: the U-shaped chain lost the step's id on the way "
+                    f"(labels are kept for {sorted(self._pending)}).")
+            return self._pending.pop(trace)
+
+    def keep_result(self, trace: str, logs, outputs) -> None:
         """The last segment's loss, metrics and predictions: they stay local too."""
-        self._results.append((logs, outputs))
+        with self._lock:
+            self._results[trace] = (logs, outputs)
 
-    def result(self):
-        return self._results.popleft()
+    def result(self, trace: str):
+        with self._lock:
+            return self._results.pop(trace)
 
-    def clear(self) -> None:
-        self._pending.clear()
-        self._results.clear()
+    def discard(self, trace: str) -> None:
+        """Forget one step (it failed): nothing of it is left for another step."""
+        with self._lock:
+            self._pending.pop(trace, None)
+            self._results.pop(trace, None)
+
+    def __len__(self) -> int:
+        return len(self._pending) + len(self._results)
 
 
 class KeepLabels(Transport):
-    """Sends a message without its labels, keeping them in a `LabelStore`."""
+    """Sends a message without its labels, keeping them in a `LabelStore` by step."""
 
     def __init__(self, inner: Transport, store: LabelStore):
         super().__init__()
         self.inner, self.store = inner, store
         self.bytes = inner.bytes  # count what really crosses
 
-    def exchange(self, message: Activations) -> Reply:
-        self.store.put(message.labels, message.sample_weight)
+    def _exchange(self, message: Activations) -> tuple[Reply, int, int]:
+        trace = self.store.new_trace()
+        self.store.put(trace, message.labels, message.sample_weight)
         try:
-            reply = self.inner.exchange(dataclasses.replace(message, labels=None,
-                                                            sample_weight=None))
-        except BaseException:
+            reply = self.inner.exchange(dataclasses.replace(
+                message, labels=None, sample_weight=None, trace=trace))
+            logs, outputs = self.store.result(trace)
+        finally:
             # A step that failed on the way (out or back) must leave no labels
-            # or results behind for the next one to pick up.
-            self.store.clear()
-            raise
-        logs, outputs = self.store.result()
-        return dataclasses.replace(reply, logs=logs, outputs=outputs)
-
-    def _exchange(self, message):  # pragma: no cover - exchange() is overridden
-        raise NotImplementedError
+            # or results behind; one that succeeded has taken both already.
+            self.store.discard(trace)
+        # The inner transport counted what crossed, into the counter we share.
+        return dataclasses.replace(reply, logs=logs, outputs=outputs), 0, 0
 
 
 class JoinLabels:
@@ -165,12 +183,12 @@ class JoinLabels:
         self.role, self.store = role, store
 
     def handle(self, message: Activations) -> Reply:
-        labels, sample_weight = self.store.take()
+        labels, sample_weight = self.store.take(message.trace)
         reply = self.role.handle(dataclasses.replace(message, labels=labels,
                                                      sample_weight=sample_weight))
         # Only the cut gradient goes back through the server; the loss, metrics
         # and predictions reach the client through its own store.
-        self.store.keep_result(reply.logs, reply.outputs)
+        self.store.keep_result(message.trace, reply.logs, reply.outputs)
         return Reply(step=reply.step, gradients=reply.gradients)
 
     def state(self):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from keras_split.messages import MODES, Activations, Reply
+from keras_split.messages import MAX_TRACE, MODES, Activations, Reply
 from keras_split_wire import PROTOCOL_VERSION, codecs
 from keras_split_wire.proto import split_pb2 as pb
 from keras_split_wire.tensors import (
@@ -49,7 +49,7 @@ def request_to_pb(session_id: str, message: Activations,
         session_id=session_id, step=message.step, mode=message.mode,
         activations=[encode(a, codec=codec) for a in message.tensors], labels=labels,
         labels_are_dict=labels_are_dict, sample_weight=weights,
-        reset_metrics=message.reset_metrics,
+        reset_metrics=message.reset_metrics, trace=message.trace,
     )
 
 
@@ -58,6 +58,9 @@ def request_from_pb(request: pb.StepRequest, specs, max_batch_size: int,
     """Decode and validate a step request against the session's cut specs."""
     if request.mode not in MODES:
         raise WireError("mode", f"{request.mode!r}, expected one of {MODES}")
+    if len(request.trace) > MAX_TRACE or not request.trace.isascii():
+        raise WireError("trace", f"expected at most {MAX_TRACE} ASCII characters, received "
+                                 f"{len(request.trace)} characters")
     if len(request.activations) != len(specs):
         raise WireError("activations", f"{len(request.activations)} tensors, the cut has "
                                        f"{len(specs)}")
@@ -95,7 +98,7 @@ def request_from_pb(request: pb.StepRequest, specs, max_batch_size: int,
             raise WireError("sample_weight", f"shape {sample_weight.shape}, expected ({batch},)")
     return Activations(step=request.step, mode=request.mode, tensors=tuple(tensors),
                        labels=labels, sample_weight=sample_weight,
-                       reset_metrics=request.reset_metrics)
+                       reset_metrics=request.reset_metrics, trace=request.trace)
 
 
 def reply_to_pb(reply: Reply, codec: codecs.Codec = codecs.NONE) -> pb.StepReply:

@@ -35,7 +35,7 @@ import tensorflow as tf
 from keras_split import checkpoint
 from keras_split.network import convert as wire
 from keras_split.partition import CutSpec, spec_of
-from keras_split.roles import ServerRole
+from keras_split.roles import GatheringRole, MessageHandler, PartyHandler, ServerRole
 from keras_split_wire import codecs, rpc
 from keras_split_wire.proto import split_pb2 as pb
 from keras_split_wire.proto import split_pb2_grpc as pb_grpc
@@ -204,15 +204,16 @@ class _Servicer(pb_grpc.SplitLearningServicer):
                                                self.server.max_batch_size, session.codec)
             except wire.WireError as error:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-            gathering = hasattr(self.server.role, "handle_from")
-            if gathering:
-                # A role that gathers several parties' messages for one step
-                # locks for itself: holding the model lock while it waits for
-                # the other parties would stop them from reaching it.
-                reply = self._handle(context, self.server.role.handle_from, client_id, message)
+            role = self.server.role
+            by_party = isinstance(role, PartyHandler)
+            if by_party:
+                # A role that answers by party locks for itself: holding the
+                # model lock while it waits for the other parties of a step
+                # would stop them from reaching it.
+                reply = self._handle(context, role.handle_from, client_id, message)
             with self.server._model_lock:
-                if not gathering:
-                    reply = self._handle(context, self.server.role.handle, message)
+                if not by_party:
+                    reply = self._handle(context, role.handle, message)
                 encoded = wire.reply_to_pb(reply, session.codec)
                 session.last_step, session.cached = request.step, encoded
                 if message.mode == "train":
@@ -332,8 +333,13 @@ class SplitServer:
                 raise ValueError("`SplitServer` needs a `loss` for its ServerRole, or a `role` "
                                  "(e.g. a keras_split.RelayRole for a middle party).")
             role = ServerRole(model, optimizer, loss, metrics, loss_weights)
+        if not isinstance(role, (MessageHandler, PartyHandler)):
+            raise TypeError(
+                f"`role` must answer messages: a keras_split.roles.MessageHandler (`handle`, "
+                f"`state`, `restore`) or PartyHandler (`handle_from`, `state`, `restore`); "
+                f"received {type(role).__name__}, which has neither.")
         self.role = role
-        parties = len(getattr(role, "parties", ()))
+        parties = len(role.parties) if isinstance(role, GatheringRole) else 0
         if parties and max_workers <= parties:
             # Each party's call waits in a worker thread until all have arrived.
             max_workers = parties + 2
@@ -394,8 +400,8 @@ class SplitServer:
     def _specs_for(self, client_id) -> list[CutSpec]:
         """The cut tensors this client sends: all of them, unless the role
         assigns each party its own (vertically partitioned data)."""
-        if hasattr(self.role, "specs_for"):
-            return self.role.specs_for(client_id, self.cut_specs)
+        if isinstance(self.role, GatheringRole):
+            return list(self.role.specs_for(client_id, self.cut_specs))
         return self.cut_specs
 
     def _client_id(self, context) -> str:

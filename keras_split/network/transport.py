@@ -7,6 +7,8 @@ same policy the device runtime uses; tensors are encoded and checked by
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from keras_split.messages import Activations, Reply
@@ -62,6 +64,15 @@ class GrpcTransport(Transport):
         self.session_id: str | None = None
         self._specs: list[CutSpec] = []
         self._max_elements = 0
+
+    # The retry policy's fields, readable and settable one by one.
+    timeout = property(lambda self: self.policy.timeout,
+                       lambda self, v: self._set_policy(timeout=v))
+    retry_for = property(lambda self: self.policy.retry_for,
+                         lambda self, v: self._set_policy(retry_for=v))
+
+    def _set_policy(self, **changes) -> None:
+        self.policy = dataclasses.replace(self.policy, **changes)
 
     def open(self, specs, resume: tuple[str, int] | None = None) -> int:
         """Connect and agree on the protocol version, the cut and the codec.

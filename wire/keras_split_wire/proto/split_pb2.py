@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"keras_split_wire/proto/split.proto\x12\x0ekeras_split.v1\"\x9d\x01\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\r\n\x05\x63odec\x18\x05 \x01(\t\x12\x16\n\x0escale_exponent\x18\x06 \x01(\x05\x12\r\n\x05scale\x18\x07 \x01(\x02\x12\x12\n\nzero_point\x18\x08 \x01(\x05\x12\x0f\n\x07indices\x18\t \x01(\x0c\";\n\rCutTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x8f\x01\n\x0bOpenRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12*\n\x03\x63ut\x18\x02 \x03(\x0b\x32\x1d.keras_split.v1.CutTensorSpec\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x16\n\x0eresume_session\x18\x04 \x01(\t\x12\x13\n\x0b\x63lient_step\x18\x05 \x01(\x03\"d\n\tOpenReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x11\n\tlast_step\x18\x03 \x01(\x03\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\x03\"\xf1\x01\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12+\n\x0b\x61\x63tivations\x18\x04 \x03(\x0b\x32\x16.keras_split.v1.Tensor\x12&\n\x06labels\x18\x05 \x03(\x0b\x32\x16.keras_split.v1.Tensor\x12\x17\n\x0flabels_are_dict\x18\x06 \x01(\x08\x12-\n\rsample_weight\x18\x07 \x03(\x0b\x32\x16.keras_split.v1.Tensor\x12\x15\n\rreset_metrics\x18\x08 \x01(\x08\"\xfa\x01\n\tStepReply\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12)\n\tgradients\x18\x02 \x03(\x0b\x32\x16.keras_split.v1.Tensor\x12\x31\n\x04logs\x18\x03 \x03(\x0b\x32#.keras_split.v1.StepReply.LogsEntry\x12\'\n\x07outputs\x18\x04 \x03(\x0b\x32\x16.keras_split.v1.Tensor\x12\x18\n\x10outputs_are_dict\x18\x05 \x01(\x08\x12\x11\n\tlog_order\x18\x06 \x03(\t\x1a+\n\tLogsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"0\n\x0bTurnRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\"a\n\tTurnReply\x12\n\n\x02go\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x03\x12\'\n\x07weights\x18\x03 \x03(\x0b\x32\x16.keras_split.v1.Tensor\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\"l\n\rReportRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\'\n\x07weights\x18\x03 \x03(\x0b\x32\x16.keras_split.v1.Tensor\x12\x0f\n\x07samples\x18\x04 \x01(\x03\"\x1c\n\x0bReportReply\x12\r\n\x05round\x18\x01 \x01(\x03\x32\x95\x02\n\rSplitLearning\x12>\n\x04Open\x12\x1b.keras_split.v1.OpenRequest\x1a\x19.keras_split.v1.OpenReply\x12>\n\x04Step\x12\x1b.keras_split.v1.StepRequest\x1a\x19.keras_split.v1.StepReply\x12>\n\x04Turn\x12\x1b.keras_split.v1.TurnRequest\x1a\x19.keras_split.v1.TurnReply\x12\x44\n\x06Report\x12\x1d.keras_split.v1.ReportRequest\x1a\x1b.keras_split.v1.ReportReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"keras_split_wire/proto/split.proto\x12\x0ekeras_split.v1\"\x9d\x01\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\r\n\x05\x63odec\x18\x05 \x01(\t\x12\x16\n\x0escale_exponent\x18\x06 \x01(\x05\x12\r\n\x05scale\x18\x07 \x01(\x02\x12\x12\n\nzero_point\x18\x08 \x01(\x05\x12\x0f\n\x07indices\x18\t \x01(\x0c\";\n\rCutTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x8f\x01\n\x0bOpenRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12*\n\x03\x63ut\x18\x02 \x03(\x0b\x32\x1d.keras_split.v1.CutTensorSpec\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x16\n\x0eresume_session\x18\x04 \x01(\t\x12\x13\n\x0b\x63lient_step\x18\x05 \x01(\x03\"d\n\tOpenReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x11\n\tlast_step\x18\x03 \x01(\x03\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\x03\"\x80\x02\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12+\n\x0b\x61\x63tivations\x18\x04 \x03(\x0b\x32\x16.keras_split.v1.Tensor\x12&\n\x06labels\x18\x05 \x03(\x0b\x32\x16.keras_split.v1.Tensor\x12\x17\n\x0flabels_are_dict\x18\x06 \x01(\x08\x12-\n\rsample_weight\x18\x07 \x03(\x0b\x32\x16.keras_split.v1.Tensor\x12\x15\n\rreset_metrics\x18\x08 \x01(\x08\x12\r\n\x05trace\x18\t \x01(\t\"\xfa\x01\n\tStepReply\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12)\n\tgradients\x18\x02 \x03(\x0b\x32\x16.keras_split.v1.Tensor\x12\x31\n\x04logs\x18\x03 \x03(\x0b\x32#.keras_split.v1.StepReply.LogsEntry\x12\'\n\x07outputs\x18\x04 \x03(\x0b\x32\x16.keras_split.v1.Tensor\x12\x18\n\x10outputs_are_dict\x18\x05 \x01(\x08\x12\x11\n\tlog_order\x18\x06 \x03(\t\x1a+\n\tLogsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"0\n\x0bTurnRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\"a\n\tTurnReply\x12\n\n\x02go\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x03\x12\'\n\x07weights\x18\x03 \x03(\x0b\x32\x16.keras_split.v1.Tensor\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\"l\n\rReportRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\'\n\x07weights\x18\x03 \x03(\x0b\x32\x16.keras_split.v1.Tensor\x12\x0f\n\x07samples\x18\x04 \x01(\x03\"\x1c\n\x0bReportReply\x12\r\n\x05round\x18\x01 \x01(\x03\x32\x95\x02\n\rSplitLearning\x12>\n\x04Open\x12\x1b.keras_split.v1.OpenRequest\x1a\x19.keras_split.v1.OpenReply\x12>\n\x04Step\x12\x1b.keras_split.v1.StepRequest\x1a\x19.keras_split.v1.StepReply\x12>\n\x04Turn\x12\x1b.keras_split.v1.TurnRequest\x1a\x19.keras_split.v1.TurnReply\x12\x44\n\x06Report\x12\x1d.keras_split.v1.ReportRequest\x1a\x1b.keras_split.v1.ReportReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,19 +42,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPENREPLY']._serialized_start=421
   _globals['_OPENREPLY']._serialized_end=521
   _globals['_STEPREQUEST']._serialized_start=524
-  _globals['_STEPREQUEST']._serialized_end=765
-  _globals['_STEPREPLY']._serialized_start=768
-  _globals['_STEPREPLY']._serialized_end=1018
-  _globals['_STEPREPLY_LOGSENTRY']._serialized_start=975
-  _globals['_STEPREPLY_LOGSENTRY']._serialized_end=1018
-  _globals['_TURNREQUEST']._serialized_start=1020
-  _globals['_TURNREQUEST']._serialized_end=1068
-  _globals['_TURNREPLY']._serialized_start=1070
-  _globals['_TURNREPLY']._serialized_end=1167
-  _globals['_REPORTREQUEST']._serialized_start=1169
-  _globals['_REPORTREQUEST']._serialized_end=1277
-  _globals['_REPORTREPLY']._serialized_start=1279
-  _globals['_REPORTREPLY']._serialized_end=1307
-  _globals['_SPLITLEARNING']._serialized_start=1310
-  _globals['_SPLITLEARNING']._serialized_end=1587
+  _globals['_STEPREQUEST']._serialized_end=780
+  _globals['_STEPREPLY']._serialized_start=783
+  _globals['_STEPREPLY']._serialized_end=1033
+  _globals['_STEPREPLY_LOGSENTRY']._serialized_start=990
+  _globals['_STEPREPLY_LOGSENTRY']._serialized_end=1033
+  _globals['_TURNREQUEST']._serialized_start=1035
+  _globals['_TURNREQUEST']._serialized_end=1083
+  _globals['_TURNREPLY']._serialized_start=1085
+  _globals['_TURNREPLY']._serialized_end=1182
+  _globals['_REPORTREQUEST']._serialized_start=1184
+  _globals['_REPORTREQUEST']._serialized_end=1292
+  _globals['_REPORTREPLY']._serialized_start=1294
+  _globals['_REPORTREPLY']._serialized_end=1322
+  _globals['_SPLITLEARNING']._serialized_start=1325
+  _globals['_SPLITLEARNING']._serialized_end=1602
 # @@protoc_insertion_point(module_scope)
