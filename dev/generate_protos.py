@@ -2,7 +2,8 @@
 
     python dev/generate_protos.py [OUTPUT_ROOT]
 
-Writes `keras_split_wire/proto/split_pb2.py` and `split_pb2_grpc.py` under
+Writes `keras_split_wire/proto/split_pb2.py` (with its `.pyi` types) and
+`split_pb2_grpc.py` under
 `wire/` (or under OUTPUT_ROOT, for the freshness test). There is one copy: the
 TensorFlow library and the device runtime both import it from
 `keras_split_wire`.
@@ -28,7 +29,7 @@ def generate(output_root: Path) -> None:
     from grpc_tools import protoc  # development dependency (grpcio-tools)
 
     output_root.mkdir(parents=True, exist_ok=True)
-    args = ["protoc", f"-I{WIRE}", f"--python_out={output_root}",
+    args = ["protoc", f"-I{WIRE}", f"--python_out={output_root}", f"--pyi_out={output_root}",
             f"--grpc_python_out={output_root}", str(WIRE / PROTO)]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed: {' '.join(args)}")

@@ -10,6 +10,8 @@ client's), which is what the stock callbacks touch.
 
 from __future__ import annotations
 
+from typing import Any
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -232,8 +234,9 @@ class LoopOwner:
         self.stop_training = False
         self.history = None
         self.train_function = None  # TensorBoard looks for a graph here; there is none.
-        self.client_role = None
-        self.transport = None
+        # Set by compile(): the client's role and its transport to the server.
+        self.client_role: Any = None
+        self.transport: Any = None
         self._step = 0
         self._interrupted = False
 

@@ -6,8 +6,6 @@ import threading
 import keras
 import numpy as np
 import pytest
-from keras_split_wire.proto import split_pb2 as pb
-from keras_split_wire.tensors import WireError
 
 import keras_split
 from keras_split.configurations.chain import JoinLabels, KeepLabels, LabelStore, RelayRole
@@ -17,6 +15,8 @@ from keras_split.messages import Activations, Reply
 from keras_split.network import convert
 from keras_split.roles import GatheringRole, MessageHandler, PartyHandler, ServerRole
 from keras_split.transport import InProcessTransport, Transport
+from keras_split_wire.proto import split_pb2 as pb
+from keras_split_wire.tensors import WireError
 
 
 def _dense(inputs=3, units=2):

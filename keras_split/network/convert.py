@@ -8,9 +8,11 @@ sample weights, logs in Keras's order, and outputs.
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import numpy as np
 
-from keras_split.messages import MAX_TRACE, MODES, Activations, Reply
+from keras_split.messages import MAX_TRACE, MODES, Activations, Mode, Reply
 from keras_split_wire import PROTOCOL_VERSION, codecs
 from keras_split_wire.proto import split_pb2 as pb
 from keras_split_wire.tensors import (
@@ -76,7 +78,7 @@ def request_from_pb(request: pb.StepRequest, specs, max_batch_size: int,
             raise WireError(f"activations[{i}]", f"batch size {batch} exceeds the server's "
                                                  f"limit of {max_batch_size}")
         tensors.append(array)
-    labels = None
+    labels: Any = None
     if request.labels:
         decoded = []
         for i, tensor in enumerate(request.labels):
@@ -96,7 +98,7 @@ def request_from_pb(request: pb.StepRequest, specs, max_batch_size: int,
         sample_weight = decode(request.sample_weight[0], "sample_weight", limit)
         if sample_weight.shape[:1] != (batch,):
             raise WireError("sample_weight", f"shape {sample_weight.shape}, expected ({batch},)")
-    return Activations(step=request.step, mode=request.mode, tensors=tuple(tensors),
+    return Activations(step=request.step, mode=cast(Mode, request.mode), tensors=tuple(tensors),
                        labels=labels, sample_weight=sample_weight,
                        reset_metrics=request.reset_metrics, trace=request.trace)
 
@@ -115,7 +117,7 @@ def reply_from_pb(reply: pb.StepReply, max_elements: int,
     # and TerminateOnNaN on the client acts on it.
     gradients = tuple(decode(t, f"gradients[{i}]", max_elements, finite=False, codec=codec)
                       for i, t in enumerate(reply.gradients))
-    outputs = None
+    outputs: Any = None
     if reply.outputs:
         arrays = [decode(t, f"outputs[{i}]", max_elements, finite=False)
                   for i, t in enumerate(reply.outputs)]

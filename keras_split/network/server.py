@@ -20,13 +20,15 @@ requires a client certificate signed by that CA (mutual TLS).
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import secrets
 import threading
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 import numpy as np
@@ -41,6 +43,13 @@ from keras_split_wire.proto import split_pb2 as pb
 from keras_split_wire.proto import split_pb2_grpc as pb_grpc
 
 logger = logging.getLogger("keras_split.network.server")
+
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
+    """Refuse the call with `code` (`context.abort` raises; this says so to readers
+    and type checkers)."""
+    context.abort(code, details)
+    raise AssertionError("grpc's context.abort returned")  # pragma: no cover
+
 
 def message_limit(specs, max_batch_size: int) -> int:
     """Largest request the server accepts: derived from the cut, not a default."""
@@ -80,7 +89,7 @@ class _TokenInterceptor(grpc.ServerInterceptor):
                    or (self._certificates_suffice and self.presented(metadata) is None))
         if not allowed:
             def refuse(request, context):
-                context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                _abort(context, grpc.StatusCode.UNAUTHENTICATED,
                               "missing or unknown bearer token")
             return grpc.unary_unary_rpc_method_handler(refuse)
         return continuation(handler_call_details)
@@ -93,10 +102,7 @@ class _Session:
     last_step: int = 0
     last_train_step: int = 0  # the last step that changed weights
     cached: pb.StepReply | None = None
-    lock: threading.Lock = None
-
-    def __post_init__(self):
-        self.lock = threading.Lock()
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def header(self) -> dict:
         return {"client_id": self.client_id, "codec": self.codec.spec,
@@ -129,21 +135,22 @@ class _Servicer(pb_grpc.SplitLearningServicer):
     def Open(self, request, context):  # noqa: N802 - gRPC method name
         client_id = self.server._client_id(context)
         if request.protocol_version != wire.PROTOCOL_VERSION:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+            _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                           f"protocol version {request.protocol_version} is not supported; "
                           f"the server speaks version {wire.PROTOCOL_VERSION}")
         try:
             codec = codecs.get(request.codec or None)
+            accepted = codec.name in self.server.codecs
         except ValueError:
-            codec = None
-        if codec is None or codec.name not in self.server.codecs:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+            accepted = False
+        if not accepted:
+            _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                           f"compression {request.codec!r} is not accepted; this server accepts "
                           f"{sorted(self.server.codecs)}")
         mine = [(s.dtype, s.shape) for s in self.server._specs_for(client_id)]
         theirs = [wire.spec_from_pb(s) for s in request.cut]
         if mine != theirs:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+            _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                           f"cut mismatch: the client sends {theirs}, the server's half takes "
                           f"{mine}")
         if request.resume_session:
@@ -158,20 +165,20 @@ class _Servicer(pb_grpc.SplitLearningServicer):
         with self.server._lock:
             session = self.server._sessions.get(request.resume_session)
         if session is None:
-            context.abort(grpc.StatusCode.NOT_FOUND,
+            _abort(context, grpc.StatusCode.NOT_FOUND,
                           "no such session to resume (was the server restarted without its "
                           "checkpoint directory?)")
         if session.client_id != client_id:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+            _abort(context, grpc.StatusCode.PERMISSION_DENIED,
                           "this session belongs to another client")
         if session.codec != codec:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+            _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                           f"the session was opened with compression {session.codec.spec!r}, "
                           f"not {codec.spec!r}")
         with session.lock, self.server._model_lock:
             problem = session.resume_at(request.client_step)
             if problem:
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot resume: {problem}")
+                _abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"cannot resume: {problem}")
             self.server._save()
         return pb.OpenReply(session_id=request.resume_session,
                             protocol_version=wire.PROTOCOL_VERSION,
@@ -184,9 +191,9 @@ class _Servicer(pb_grpc.SplitLearningServicer):
         with self.server._lock:
             session = self.server._sessions.get(request.session_id)
         if session is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, "unknown session; call Open first")
+            _abort(context, grpc.StatusCode.NOT_FOUND, "unknown session; call Open first")
         if session.client_id != client_id:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+            _abort(context, grpc.StatusCode.PERMISSION_DENIED,
                           "this session belongs to another client")
         return client_id, session
 
@@ -196,23 +203,24 @@ class _Servicer(pb_grpc.SplitLearningServicer):
             if request.step == session.last_step and session.cached is not None:
                 return session.cached  # a retransmission: answer again, apply nothing
             if request.step != session.last_step + 1:
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                               f"step {request.step} is stale or out of order; expected "
                               f"{session.last_step + 1}")
             try:
                 message = wire.request_from_pb(request, self.server._specs_for(client_id),
                                                self.server.max_batch_size, session.codec)
             except wire.WireError as error:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+                _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
             role = self.server.role
-            by_party = isinstance(role, PartyHandler)
-            if by_party:
-                # A role that answers by party locks for itself: holding the
-                # model lock while it waits for the other parties of a step
-                # would stop them from reaching it.
-                reply = self._handle(context, role.handle_from, client_id, message)
-            with self.server._model_lock:
-                if not by_party:
+            with contextlib.ExitStack() as held:
+                if isinstance(role, PartyHandler):
+                    # A role that answers by party locks for itself: holding the
+                    # model lock while it waits for the other parties of a step
+                    # would stop them from reaching it.
+                    reply = self._handle(context, role.handle_from, client_id, message)
+                    held.enter_context(self.server._model_lock)
+                else:
+                    held.enter_context(self.server._model_lock)
                     reply = self._handle(context, role.handle, message)
                 encoded = wire.reply_to_pb(reply, session.codec)
                 session.last_step, session.cached = request.step, encoded
@@ -227,7 +235,7 @@ class _Servicer(pb_grpc.SplitLearningServicer):
         client_id, _ = self._session_of(request, context)
         coordinator = self.server.coordinator
         if coordinator is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+            _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                           "this server runs no rounds (it has no coordinator)")
         return client_id, coordinator
 
@@ -246,9 +254,9 @@ class _Servicer(pb_grpc.SplitLearningServicer):
             return pb.ReportReply(round=coordinator.report(client_id, request.round, weights,
                                                            request.samples))
         except wire.WireError as error:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except ValueError as error:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+            _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(error))
 
     @staticmethod
     def _handle(context, function, *arguments):
@@ -258,13 +266,13 @@ class _Servicer(pb_grpc.SplitLearningServicer):
             # Data the checks above cannot judge (a label outside the classes,
             # say) fails in the loss, before any update.
             text = getattr(error, "message", None) or str(error)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, text.splitlines()[0])
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, text.splitlines()[0])
         except TimeoutError as error:
-            context.abort(grpc.StatusCode.ABORTED, str(error))
+            _abort(context, grpc.StatusCode.ABORTED, str(error))
         except (ConnectionError, RuntimeError) as error:
             # A middle party's link downstream failed (or the party downstream
             # refused): say so upstream, instead of an opaque UNKNOWN.
-            context.abort(grpc.StatusCode.ABORTED, f"the party downstream failed: {error}")
+            _abort(context, grpc.StatusCode.ABORTED, f"the party downstream failed: {error}")
 
 
 class SplitServer:
@@ -409,11 +417,13 @@ class SplitServer:
         both when they agree."""
         by_token = self._interceptor.identify(context.invocation_metadata())
         if not self._mutual_tls:
+            if by_token is None:  # the interceptor lets no such call through
+                _abort(context, grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
             return by_token
         names = context.auth_context().get("x509_common_name") or [b""]
         by_certificate = names[0].decode(errors="replace")
         if by_token is not None and by_token != by_certificate:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+            _abort(context, grpc.StatusCode.PERMISSION_DENIED,
                           f"the token belongs to {by_token!r} but the client certificate to "
                           f"{by_certificate!r}")
         return by_certificate

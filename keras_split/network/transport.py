@@ -8,7 +8,9 @@ same policy the device runtime uses; tensors are encoded and checked by
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
+import grpc
 import numpy as np
 
 from keras_split.messages import Activations, Reply
@@ -59,8 +61,8 @@ class GrpcTransport(Transport):
             root_certificates, certificate, private_key)
         self.policy = rpc.Retry(timeout=timeout, retry_for=retry_for, backoff=backoff,
                                 max_backoff=max_backoff)
-        self._channel = None
-        self._stub = None
+        self._channel: grpc.Channel | None = None
+        self._stub: Any = None  # generated, untyped
         self.session_id: str | None = None
         self._specs: list[CutSpec] = []
         self._max_elements = 0

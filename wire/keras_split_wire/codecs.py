@@ -200,8 +200,7 @@ class Int8(Codec):
         _expect_bytes(tensor.data, count, f"{count} int8 values")
         wide = np.float64 if dtype.name == "float64" else np.float32
         values = np.frombuffer(tensor.data, dtype=np.int8).astype(wide)
-        values -= tensor.zero_point
-        values *= wide(tensor.scale)
+        values = (values - tensor.zero_point) * wide(tensor.scale)
         return values.reshape(shape).astype(dtype.name, copy=False)
 
 
@@ -283,10 +282,12 @@ def get(compression) -> Codec:
     )
 
 
-def decoder(name: str) -> Codec | None:
+def decoder(name: str) -> Codec:
     """The codec that decodes tensors marked `name` (an empty name means "none")."""
     name = name or "none"
-    return _NAMED[name]() if name in _NAMED else None
+    if name not in _NAMED:
+        raise CodecError(f"unknown codec {name!r}; known: {list(NAMES)}")
+    return _NAMED[name]()
 
 
 def roundtrip(codec: Codec, array) -> tuple[np.ndarray, int]:
