@@ -8,11 +8,12 @@ Writes `keras_split_wire/proto/split_pb2.py` (with its `.pyi` types) and
 TensorFlow library and the device runtime both import it from
 `keras_split_wire`.
 
-Use the grpcio-tools pinned in the `dev` extra (`pip install -e ".[dev]"`):
-its protoc writes code that loads on every protobuf the wire package declares
-(6.31.1 and newer; 7.x accepts it with one version warning, which
-`keras_split_wire.proto` silences). Run it as a script, in a process that has
-not imported TensorFlow.
+Use the grpcio-tools pinned in the wire package's `generate` extra
+(`pip install -e "./wire[generate]"`, in an environment of its own):
+its protoc (protobuf 6.31.1) writes code that loads on every protobuf the wire
+package declares: protobuf's runtime accepts generated code as old as itself or
+older (6.31.1 up to 7.x). Run it as a script, in a process that has not
+imported TensorFlow.
 
 The generated files are committed; tests/test_wire.py checks they are fresh.
 """
