@@ -1,12 +1,16 @@
 """The device runtime (`edge/`): exported client halves trained in LiteRT and
 onnxruntime give the TensorFlow client's weights; the edge package trains
-against a real server with TensorFlow unimportable; and an edge client taking
-turns with a TensorFlow client gives the all-TensorFlow result."""
+against a real server with TensorFlow unimportable; an edge client taking
+turns with a TensorFlow client gives the all-TensorFlow result; and the device's
+link checks what it sends and receives as the TensorFlow client does."""
 
 import subprocess
 import sys
+import time
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import keras
 import numpy as np
 import pytest
@@ -17,7 +21,11 @@ from keras_split.datasets import load_pneumoniamnist_balanced
 from keras_split.export import export_client
 from keras_split.network.devcerts import write_dev_certificates
 from keras_split.roles import ClientRole
-from keras_split_edge import load
+from keras_split_edge import LinkError, ServerLink, load
+from keras_split_wire import codecs, device_names, rpc
+from keras_split_wire.proto import split_pb2 as pb
+from keras_split_wire.proto import split_pb2_grpc as pb_grpc
+from keras_split_wire.tensors import encode
 from tests.test_export import _bn_client
 
 HERE = Path(__file__).resolve().parent
@@ -131,7 +139,8 @@ def _edge_train(network, server, export, shard, weights_in=None):
                "--x-key", "x", "--y-key", "y", "--batch-size", "32", "--seed", "0",
                "--weights-out", str(out)]
     if weights_in is not None:
-        np.savez(folder / "handoff.npz", **{f"w{i:03d}": w for i, w in enumerate(weights_in)})
+        np.savez(folder / "handoff.npz",
+                 **{device_names.weight(i): w for i, w in enumerate(weights_in)})
         command += ["--weights-in", str(folder / "handoff.npz")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -193,3 +202,140 @@ def test_edge_and_tensorflow_clients_take_turns_like_two_tensorflow_clients(netw
         np.testing.assert_allclose(a, b, atol=1e-5)
     for a, b in zip(mixed.role.model.get_weights(), pure.role.model.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+# -- the device's link: the same checks as the TensorFlow client -------------------
+
+CUT = [("float32", (-1, 5, 5, 32))]  # the demo CNN's cut at pool2
+
+
+class _ScriptedServer(pb_grpc.SplitLearningServicer):
+    """A split server that records what reaches it and answers each step with the
+    gradients it is given (a faulty or hostile server)."""
+
+    def __init__(self, gradients=None):
+        self.gradients = gradients
+        self.steps = []
+
+    def Open(self, request, context):  # noqa: N802 - gRPC's method name
+        return pb.OpenReply(session_id="s", protocol_version=request.protocol_version,
+                            max_batch_size=64)
+
+    def Step(self, request, context):  # noqa: N802 - gRPC's method name
+        self.steps.append(request)
+        gradients = self.gradients(request) if self.gradients else [
+            encode(np.zeros(tuple(t.shape), "float32")) for t in request.activations]
+        return pb.StepReply(step=request.step, gradients=gradients, logs={"loss": 1.0},
+                            log_order=["loss"])
+
+
+@pytest.fixture
+def scripted():
+    """A `_ScriptedServer` on loopback (plaintext) and a link factory for it."""
+    servicer = _ScriptedServer()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_SplitLearningServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    links = []
+
+    def link(**options):
+        links.append(ServerLink(f"127.0.0.1:{port}", insecure=True, **options))
+        links[-1].open(CUT)
+        return links[-1]
+
+    yield servicer, link
+    for opened in links:
+        opened.close()
+    server.stop(grace=None)
+
+
+@pytest.mark.parametrize(("activation", "message"), [
+    (np.zeros((8, 5, 5, 32), "float64"), r"activations\[0\]: dtype float64, expected float32"),
+    (np.zeros((8, 5, 5, 16), "float32"), r"activations\[0\]: shape \(8, 5, 5, 16\), expected "
+                                         r"\(None, 5, 5, 32\)"),
+    (np.zeros((8, 800), "float32"), r"activations\[0\]: rank 2"),
+], ids=["float64", "shape", "rank"])
+def test_link_refuses_activations_that_do_not_fit_the_cut_before_sending(scripted, activation,
+                                                                         message):
+    servicer, link = scripted
+    link = link()
+    with pytest.raises(ValueError, match=rf"Cannot send {message}.*must produce what the "
+                                         "session was opened with"):
+        link.exchange("train", [activation], np.zeros(8, "int64"))
+    with pytest.raises(ValueError, match=r"2 tensors, but the cut has 1 \(\['cut_0'\]\)"):
+        link.exchange("train", [np.zeros((8, 5, 5, 32), "float32")] * 2, np.zeros(8, "int64"))
+    # Nothing reached the server and nothing was counted; the next good step is step 1.
+    assert servicer.steps == [] and link.bytes_up == 0 and link.step == 0
+    gradients, logs = link.exchange("train", [np.ones((8, 5, 5, 32), "float32")],
+                                    np.zeros(8, "int64"))
+    assert [s.step for s in servicer.steps] == [1] and logs == {"loss": 1.0}
+    assert gradients[0].shape == (8, 5, 5, 32)
+
+
+def _wrong_gradient(kind):
+    def gradients(request):
+        shape = tuple(request.activations[0].shape)
+        if kind == "shape":  # fewer elements than sent, so only the shape check catches it
+            return [encode(np.zeros((shape[0], 5, 5, 16), "float32"))]
+        if kind == "too_large":
+            return [encode(np.zeros((shape[0], 5, 5, 64), "float32"))]
+        if kind == "dtype":
+            return [encode(np.zeros(shape, "int32"))]
+        if kind == "codec":  # int8 was never negotiated: the link opened uncompressed
+            return [encode(np.zeros(shape, "float32"), codec=codecs.get("int8"))]
+        return [encode(np.zeros(shape, "float32"))] * 2  # one per cut tensor expected
+    return gradients
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("shape", r"gradients\[0\]: shape \(8, 5, 5, 16\), expected \(8, 5, 5, 32\)"),
+    ("too_large", r"gradients\[0\]: 12800 elements exceed the limit of 6400"),
+    ("dtype", r"gradients\[0\]: dtype int32, expected a float dtype"),
+    ("codec", r"gradients\[0\]: codec 'int8' was not negotiated"),
+    ("count", r"2 gradients for 1 cut tensors"),
+])
+def test_link_refuses_a_gradient_that_does_not_fit_what_it_sent(scripted, kind, message):
+    servicer, link = scripted
+    servicer.gradients = _wrong_gradient(kind)
+    link = link()
+    with pytest.raises(LinkError, match=message):
+        link.exchange("train", [np.ones((8, 5, 5, 32), "float32")], np.zeros(8, "int64"))
+
+
+def test_link_message_limit_is_derived_from_the_cut(scripted, monkeypatch):
+    channels = []
+    real = grpc.insecure_channel
+
+    def recording(target, options=None, **kwargs):
+        channels.append(dict(options))
+        return real(target, options=options, **kwargs)
+
+    monkeypatch.setattr(grpc, "insecure_channel", recording)
+    _, link = scripted
+    link = link()
+    # The demo cut: 5 * 5 * 32 float32 values, 3200 bytes a sample.
+    want = rpc.message_limit([5 * 5 * 32 * 4], rpc.CLIENT_MAX_BATCH)
+    assert link.message_limit == want
+    assert len(channels) == 1
+    assert channels[0]["grpc.max_send_message_length"] == want
+    assert channels[0]["grpc.max_receive_message_length"] == want
+
+
+def test_link_reports_a_tls_failure_with_the_fix_and_does_not_retry(network, tmp_path):
+    other = write_dev_certificates(tmp_path / "other")  # a CA that did not sign the server
+    server = _server(network)
+    try:
+        for hint in ("root_certificates", "--ca"):
+            link = ServerLink(f"127.0.0.1:{server.port}", token="device",
+                              root_certificates=other["ca"], tls_hint=hint, retry_for=60.0)
+            start = time.monotonic()
+            with pytest.raises(rpc.LinkDownError, match=rf"TLS handshake with 127.0.0.1:"
+                                                        rf"{server.port} failed .*Check that "
+                                                        rf"{hint} is the CA that signed"):
+                link.open(CUT)
+            link.close()
+            # Failing fast: a certificate problem is not retried for `retry_for`.
+            assert time.monotonic() - start < 15
+    finally:
+        server.stop()

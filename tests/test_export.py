@@ -1,6 +1,8 @@
 """Export of client halves for devices: gradient rules against TensorFlow's own
 gradients, whole programs against Keras, export-time errors, quantized variants."""
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -15,7 +17,10 @@ from keras_split.export import (
     export_inference,
     ops,
 )
+from keras_split.export.onnx_export import session
 from keras_split.export.program import ClientProgram
+from keras_split.export.tflite import interpreter
+from keras_split_wire import device_names as names
 
 
 def _gradients(function, inputs, seed):
@@ -195,3 +200,44 @@ def test_split_model_exports_its_client_with_its_optimizer(tmp_path):
     report = split.export_client(tmp_path / "client.tflite")
     assert report.train_step_error < 1e-5 and report.signatures[:3] == ["infer", "forward",
                                                                         "train"]
+
+
+def test_exports_use_the_names_the_device_runtime_reads(tmp_path):
+    """Every name the exporter writes comes from `keras_split_wire.device_names`."""
+    model = _bn_client()  # with BatchNorm: moving statistics are weights but not trainable
+    optimizer = keras.optimizers.Adam(1e-3)
+    export_client(model, tmp_path / "client.tflite", optimizer=optimizer)
+    runtime = interpreter((tmp_path / "client.tflite").read_bytes())
+    signatures = runtime.get_signature_list()
+    assert set(signatures) == set(names.TRAIN_SIGNATURES)
+    weights = [names.weight(i) for i in range(len(model.get_weights()))]
+    slots = [names.slot(i) for i in range(2 * len(model.trainable_weights))]  # Adam: m and v
+    x, cut, grad = [names.model_input(0)], [names.cut(0)], [names.cut_gradient(0)]
+    expected = {
+        names.INFER: (x, cut), names.FORWARD: (x, cut), names.TRAIN: (x + grad, [names.STEP]),
+        names.GET_WEIGHTS: ([], weights), names.SET_WEIGHTS: (weights, [names.STEP]),
+        names.GET_OPTIMIZER: ([], slots + [names.STEP]),
+        names.SET_OPTIMIZER: (slots + [names.STEP], [names.STEP]),
+    }
+    for key, (inputs, outputs) in expected.items():
+        assert sorted(signatures[key]["inputs"]) == sorted(inputs), key
+        assert sorted(signatures[key]["outputs"]) == sorted(outputs), key
+
+    export_client(model, tmp_path / "client.onnx", optimizer=optimizer)
+    files = names.onnx_files(str(tmp_path / "client"))
+    assert sorted(p.name for p in tmp_path.glob("client*") if p.suffix != ".tflite") == \
+        sorted(Path(f).name for f in files.values())
+    program = ClientProgram(model)
+    p = [names.onnx_parameter(0, i) for i in range(len(program.trainable))]
+    b = [names.onnx_parameter(1, i) for i in range(len(program.state))]
+    o = [names.onnx_slot(i) for i in range(2 * len(program.trainable))]
+    state = x + p + b
+    train = x + grad + p + b + o + [names.STEP]
+    for key, inputs, outputs in [
+            (names.INFER, state, cut), (names.FORWARD, state, cut),
+            (names.TRAIN, train, [names.new(n) for n in p + b + o + [names.STEP]])]:
+        graph = session(files[key])
+        assert sorted(i.name for i in graph.get_inputs()) == sorted(inputs), key
+        assert sorted(i.name for i in graph.get_outputs()) == sorted(outputs), key
+    with np.load(files[names.ONNX_STATE]) as data:
+        assert sorted(data.files) == sorted(p + b + o + [names.STEP, names.WEIGHT_ORDER])

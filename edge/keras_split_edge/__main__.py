@@ -9,6 +9,7 @@ import sys
 import numpy as np
 
 from keras_split_edge.client import EdgeClient
+from keras_split_wire import device_names
 
 
 def _read_data(path, x_key, y_key, input_shape):
@@ -21,6 +22,22 @@ def _read_data(path, x_key, y_key, input_shape):
     if x.shape[1:] != tuple(input_shape) and x[0].size == np.prod(input_shape):
         x = x.reshape((len(x), *input_shape))  # e.g. MedMNIST's (N, 28, 28) for (28, 28, 1)
     return x, y.reshape(len(y)) if y.ndim == 2 and y.shape[1] == 1 else y
+
+
+def _read_weights(path):
+    """The weights w000, w001, ... of a hand-off file, in order."""
+    with np.load(path, allow_pickle=False) as data:
+        keys = device_names.numbered(data.files, device_names.WEIGHT_PREFIX)
+        if not keys:
+            raise ValueError(
+                f"{path} holds no weights named {device_names.weight(0)}, "
+                f"{device_names.weight(1)}, ...; it holds {sorted(data.files)}. Save the "
+                "weights under those names in get_weights() order, as --weights-out does.")
+        return [data[k] for k in keys]
+
+
+def _write_weights(path, weights):
+    np.savez(path, **{device_names.weight(i): w for i, w in enumerate(weights)})
 
 
 def main(argv=None) -> int:
@@ -51,17 +68,16 @@ def main(argv=None) -> int:
     model = load(args.model)
     client = EdgeClient(model, args.server, state_dir=args.state_dir, token=args.token,
                         root_certificates=args.ca, certificate=args.cert, private_key=args.key,
-                        insecure=args.insecure, compression=args.compression)
+                        insecure=args.insecure, compression=args.compression, tls_hint="--ca")
     if args.weights_in and client.restored:
         print(f"note: {args.state_dir} holds the device's saved state; --weights-in is ignored")
     elif args.weights_in:
-        with np.load(args.weights_in, allow_pickle=False) as data:
-            model.set_weights([data[k] for k in sorted(data.files)])
+        model.set_weights(_read_weights(args.weights_in))
     x, y = _read_data(args.data, args.x_key, args.y_key, model.input_shapes[0])
     client.fit(x, y, batch_size=args.batch_size, epochs=args.epochs,
                shuffle=not args.no_shuffle, seed=args.seed)
     if args.weights_out:
-        np.savez(args.weights_out, **{f"w{i:03d}": w for i, w in enumerate(model.get_weights())})
+        _write_weights(args.weights_out, model.get_weights())
     client.close()
     return 0
 

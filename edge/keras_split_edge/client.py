@@ -21,7 +21,7 @@ class EdgeClient:
             between runs; restored on creation if present, saved after every
             epoch of `fit`.
         **link_options: token, root_certificates, certificate, private_key,
-            insecure, compression, timeout, retry_for (see `ServerLink`).
+            insecure, compression, timeout, retry_for, tls_hint (see `ServerLink`).
 
     Example:
 

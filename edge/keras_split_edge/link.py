@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from keras_split_wire import PROTOCOL_VERSION, codecs, rpc
+from keras_split_wire import PROTOCOL_VERSION, codecs, device_names, rpc
 from keras_split_wire.proto import split_pb2 as pb
 from keras_split_wire.proto import split_pb2_grpc as pb_grpc
 from keras_split_wire.rpc import ServerError
@@ -43,6 +43,9 @@ class ServerLink:
         timeout: deadline per call (s); retry_for: retry budget for UNAVAILABLE (s).
         tls_hint: how the user names the CA, for the TLS error (a flag on the
             command line, an argument in Python).
+
+    After `open`, `message_limit` is the largest message either way, derived
+    from the cut (`keras_split_wire.rpc.message_limit`).
     """
 
     def __init__(self, address, token=None, root_certificates=None, certificate=None,
@@ -61,6 +64,7 @@ class ServerLink:
         self.session_id = None
         self.step = 0
         self.max_batch_size = 0
+        self.message_limit = 0
         self.bytes_up = self.bytes_down = 0
 
     def _call(self, method, request):
@@ -74,11 +78,13 @@ class ServerLink:
         `resume=(session_id, step)` reopens a session this device held before.
         Returns the last step the server holds for the session.
         """
-        self.specs = [CutSpec.of(f"cut_{i}", dtype, shape)
+        self.specs = [CutSpec.of(device_names.cut(i), dtype, shape)
                       for i, (dtype, shape) in enumerate(cut_specs)]
-        limit = rpc.message_limit([s.bytes_per_sample for s in self.specs], rpc.CLIENT_MAX_BATCH)
         if self._channel is None:
-            self._channel = rpc.channel(self.address, limit, self._credentials,
+            # The largest message both ways, from the cut (never a fixed default).
+            self.message_limit = rpc.message_limit([s.bytes_per_sample for s in self.specs],
+                                                   rpc.CLIENT_MAX_BATCH)
+            self._channel = rpc.channel(self.address, self.message_limit, self._credentials,
                                         self.policy.max_backoff)
             self._stub = pb_grpc.SplitLearningStub(self._channel)
         request = pb.OpenRequest(protocol_version=PROTOCOL_VERSION, codec=self.codec.spec,

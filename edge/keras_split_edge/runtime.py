@@ -17,12 +17,33 @@ Neither TensorFlow nor keras_split is imported here.
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
-STATE_FILE = "device_state.npz"
+from keras_split_wire import device_names as names
+
+STATE_FILE = names.DEVICE_STATE_FILE
+
+
+def require(module: str, feature: str, extra: str, package: str | None = None) -> ModuleType:
+    """Import `module` for `feature`, or raise an `ImportError` that says how to install it.
+
+    The device picks its runtime by extra (`litert`, `onnx`, `all`); the one
+    an export needs is imported only when such an export is opened.
+    """
+    root = module.split(".")[0]
+    try:
+        # The top-level package first: a cached submodule would hide a blocked parent.
+        importlib.import_module(root)
+        return importlib.import_module(module)
+    except ImportError as error:
+        name = package or root.replace("_", "-")
+        raise ImportError(f"{feature} requires {name}. Install it with "
+                          f"pip install 'keras-split-edge[{extra}]'.") from error
 
 
 class ExportedModel:
@@ -35,10 +56,10 @@ class ExportedModel:
     def save(self, folder) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        arrays = {f"w{i:03d}": w for i, w in enumerate(self.get_weights())}
+        arrays = {names.weight(i): w for i, w in enumerate(self.get_weights())}
         slots, step = self.get_optimizer()
-        arrays.update({f"s{i:03d}": s for i, s in enumerate(slots)})
-        arrays["step"] = np.asarray(step, np.float32)
+        arrays.update({names.slot(i): s for i, s in enumerate(slots)})
+        arrays[names.STEP] = np.asarray(step, np.float32)
         path = folder / STATE_FILE
         temporary = folder / (STATE_FILE + ".partial")
         with open(temporary, "wb") as f:
@@ -52,22 +73,12 @@ class ExportedModel:
         if not path.exists():
             return False
         with np.load(path, allow_pickle=False) as data:
-            weights = [data[k] for k in sorted(k for k in data.files if _numbered(k, "w"))]
-            slots = [data[k] for k in sorted(k for k in data.files if _numbered(k, "s"))]
-            step = float(data["step"])
+            weights = [data[k] for k in names.numbered(data.files, names.WEIGHT_PREFIX)]
+            slots = [data[k] for k in names.numbered(data.files, names.SLOT_PREFIX)]
+            step = float(data[names.STEP])
         self.set_weights(weights)
         self.set_optimizer(slots, step)
         return True
-
-
-def _numbered(name: str, prefix: str) -> bool:
-    return name.startswith(prefix) and name[len(prefix):].isdigit()
-
-
-def _positional(names) -> list[str]:
-    """The model inputs x0, x1, ... in order (the export names them so)."""
-    inputs = [n for n in names if n[:1] == "x" and n[1:].isdigit()]
-    return sorted(inputs, key=lambda n: int(n[1:]))
 
 
 def _check(values, expected, what):
@@ -83,27 +94,27 @@ class LiteRTModel(ExportedModel):
     """A `.tflite` export in the LiteRT interpreter."""
 
     def __init__(self, path):
-        from ai_edge_litert.interpreter import Interpreter
-
+        litert = require("ai_edge_litert.interpreter", "Running a .tflite export", "litert")
         self.path = Path(path)
-        self._interpreter = Interpreter(model_path=str(path))
+        self._interpreter = litert.Interpreter(model_path=str(path))
         signatures = self._interpreter.get_signature_list()
-        missing = {"infer", "forward", "train", "get_weights", "set_weights"} - set(signatures)
+        missing = set(names.TRAIN_SIGNATURES) - set(signatures)
         if missing:
             raise ValueError(f"{path} lacks the signatures {sorted(missing)}; export it with "
                              "keras_split.export.export_client (not export_inference).")
         self._runners = {name: self._interpreter.get_signature_runner(name)
                          for name in signatures}
-        self.input_names = _positional(signatures["forward"]["inputs"])
-        details = self._runners["forward"].get_input_details()
+        self.input_names = names.numbered(signatures[names.FORWARD]["inputs"],
+                                          names.INPUT_PREFIX)
+        details = self._runners[names.FORWARD].get_input_details()
         self._input_dtypes = {n: details[n]["dtype"] for n in self.input_names}
         self.input_shapes = [tuple(int(d) for d in details[n]["shape_signature"][1:])
                              for n in self.input_names]
-        outputs = self._runners["forward"].get_output_details()
-        names = sorted(outputs, key=lambda n: int(n.split("_")[1]))
+        outputs = self._runners[names.FORWARD].get_output_details()
+        self._cut_names = names.numbered(outputs, names.CUT_PREFIX)
         self.cut_specs = [(np.dtype(outputs[n]["dtype"]).name,
                            (-1, *[int(d) for d in outputs[n]["shape_signature"][1:]]))
-                          for n in names]
+                          for n in self._cut_names]
         self._weight_shapes = [tuple(v.shape) for v in self.get_weights()]
 
     def _inputs(self, inputs):
@@ -111,60 +122,64 @@ class LiteRTModel(ExportedModel):
                 for n, x in zip(self.input_names, inputs, strict=True)}
 
     def _cuts(self, result):
-        return [result[f"cut_{i}"] for i in range(len(self.cut_specs))]
+        return [result[n] for n in self._cut_names]
 
     def forward(self, inputs):
-        return self._cuts(self._runners["forward"](**self._inputs(inputs)))
+        return self._cuts(self._runners[names.FORWARD](**self._inputs(inputs)))
 
     def infer(self, inputs):
-        return self._cuts(self._runners["infer"](**self._inputs(inputs)))
+        return self._cuts(self._runners[names.INFER](**self._inputs(inputs)))
 
     def train(self, inputs, gradients):
-        grads = {f"grad_{i}": np.asarray(g, np.float32) for i, g in enumerate(gradients)}
-        self._runners["train"](**self._inputs(inputs), **grads)
+        grads = {names.cut_gradient(i): np.asarray(g, np.float32)
+                 for i, g in enumerate(gradients)}
+        self._runners[names.TRAIN](**self._inputs(inputs), **grads)
 
     def get_weights(self):
-        result = self._runners["get_weights"]()
-        return [result[k] for k in sorted(result)]
+        result = self._runners[names.GET_WEIGHTS]()
+        return [result[k] for k in names.numbered(result, names.WEIGHT_PREFIX)]
 
     def set_weights(self, weights):
         _check(weights, self._weight_shapes, "weights")
-        self._runners["set_weights"](**{f"w{i:03d}": np.asarray(w, np.float32)
-                                        for i, w in enumerate(weights)})
+        self._runners[names.SET_WEIGHTS](**{names.weight(i): np.asarray(w, np.float32)
+                                            for i, w in enumerate(weights)})
 
     def get_optimizer(self):
-        result = self._runners["get_optimizer"]()
-        step = float(result.pop("step"))
-        return [result[k] for k in sorted(result)], step
+        result = self._runners[names.GET_OPTIMIZER]()
+        slots = [result[k] for k in names.numbered(result, names.SLOT_PREFIX)]
+        return slots, float(result[names.STEP])
 
     def set_optimizer(self, slots, step):
-        arguments = {f"s{i:03d}": np.asarray(s, np.float32) for i, s in enumerate(slots)}
-        self._runners["set_optimizer"](**arguments, step=np.asarray(step, np.float32))
+        arguments = {names.slot(i): np.asarray(s, np.float32) for i, s in enumerate(slots)}
+        arguments[names.STEP] = np.asarray(step, np.float32)
+        self._runners[names.SET_OPTIMIZER](**arguments)
 
 
 class OnnxModel(ExportedModel):
     """An `.onnx` export (stateless graphs) in plain onnxruntime; the state lives here."""
 
     def __init__(self, path):
-        import onnxruntime
-
+        onnxruntime = require("onnxruntime", "Running an .onnx export", "onnx")
         self.path = Path(path)
-        stem = str(path)[: -len(".onnx")]
+        files = names.onnx_files(str(path)[: -len(".onnx")])
 
         def session(name):
             return onnxruntime.InferenceSession(name, providers=["CPUExecutionProvider"])
 
-        self._infer, self._forward = session(str(path)), session(f"{stem}.forward.onnx")
-        self._train = session(f"{stem}.train.onnx")
-        with np.load(f"{stem}.state.npz", allow_pickle=False) as data:
+        self._infer, self._forward = session(str(path)), session(files[names.FORWARD])
+        self._train = session(files[names.TRAIN])
+        with np.load(files[names.ONNX_STATE], allow_pickle=False) as data:
             self._state = {k: data[k] for k in data.files}
-        self._order = [tuple(int(v) for v in pair) for pair in self._state.pop("weight_order")]
-        self.input_names = _positional(i.name for i in self._forward.get_inputs())
+        self._order = [tuple(int(v) for v in pair)
+                       for pair in self._state.pop(names.WEIGHT_ORDER)]
         inputs = {i.name: i for i in self._forward.get_inputs()}
+        self.input_names = names.numbered(inputs, names.INPUT_PREFIX)
         self._input_dtypes = {n: _ONNX_DTYPES[i.type] for n, i in inputs.items()}
         self.input_shapes = [tuple(int(d) for d in inputs[n].shape[1:]) for n in self.input_names]
-        self.cut_specs = [("float32", (-1, *[int(d) for d in o.shape[1:]]))
-                          for o in self._forward.get_outputs()]
+        outputs = {o.name: o for o in self._forward.get_outputs()}
+        self._cut_names = names.numbered(outputs, names.CUT_PREFIX)
+        self.cut_specs = [("float32", (-1, *[int(d) for d in outputs[n].shape[1:]]))
+                          for n in self._cut_names]
 
     def _feed(self, session, values):
         wanted = {i.name for i in session.get_inputs()}
@@ -174,41 +189,41 @@ class OnnxModel(ExportedModel):
         return {n: np.asarray(x, self._input_dtypes[n])
                 for n, x in zip(self.input_names, inputs, strict=True)}
 
+    def _cuts(self, session, inputs):
+        return session.run(self._cut_names,
+                           self._feed(session, {**self._state, **self._inputs(inputs)}))
+
     def forward(self, inputs):
-        return self._forward.run(None, self._feed(self._forward,
-                                                  {**self._state, **self._inputs(inputs)}))
+        return self._cuts(self._forward, inputs)
 
     def infer(self, inputs):
-        return self._infer.run(None, self._feed(self._infer,
-                                                {**self._state, **self._inputs(inputs)}))
+        return self._cuts(self._infer, inputs)
 
     def train(self, inputs, gradients):
-        grads = {f"grad_{i}": np.asarray(g, np.float32) for i, g in enumerate(gradients)}
+        grads = {names.cut_gradient(i): np.asarray(g, np.float32)
+                 for i, g in enumerate(gradients)}
         feed = self._feed(self._train, {**self._state, **self._inputs(inputs), **grads})
-        names = [o.name for o in self._train.get_outputs()]
-        for name, value in zip(names, self._train.run(None, feed), strict=True):
-            self._state[name[len("new_"):]] = value
-
-    def _weight_key(self, group, index):
-        return f"{'pb'[group]}{index:03d}"
+        outputs = [o.name for o in self._train.get_outputs()]
+        for name, value in zip(outputs, self._train.run(None, feed), strict=True):
+            self._state[name.removeprefix(names.NEW_PREFIX)] = value
 
     def get_weights(self):
-        return [self._state[self._weight_key(g, i)] for g, i in self._order]
+        return [self._state[names.onnx_parameter(g, i)] for g, i in self._order]
 
     def set_weights(self, weights):
-        _check(weights, [self._state[self._weight_key(g, i)].shape for g, i in self._order],
+        _check(weights, [self._state[names.onnx_parameter(g, i)].shape for g, i in self._order],
                "weights")
         for (group, index), value in zip(self._order, weights, strict=True):
-            self._state[self._weight_key(group, index)] = np.asarray(value, np.float32)
+            self._state[names.onnx_parameter(group, index)] = np.asarray(value, np.float32)
 
     def get_optimizer(self):
-        slots = [self._state[k] for k in sorted(self._state) if _numbered(k, "o")]
-        return slots, float(self._state["step"])
+        slots = [self._state[k] for k in names.numbered(self._state, names.ONNX_SLOT_PREFIX)]
+        return slots, float(self._state[names.STEP])
 
     def set_optimizer(self, slots, step):
         for i, value in enumerate(slots):
-            self._state[f"o{i:03d}"] = np.asarray(value, np.float32)
-        self._state["step"] = np.asarray(step, np.float32)
+            self._state[names.onnx_slot(i)] = np.asarray(value, np.float32)
+        self._state[names.STEP] = np.asarray(step, np.float32)
 
 
 _ONNX_DTYPES = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8,

@@ -20,10 +20,12 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from keras_split.export import ops
-from keras_split.export.optimizers import UnsupportedOptimizerError, from_keras
+from keras_split.export import onnx_export, ops, tflite
+from keras_split.export.device import DeviceModule
+from keras_split.export.optimizers import SGD, UnsupportedOptimizerError, from_keras
 from keras_split.export.program import ClientProgram, UnsupportedLayerError
 from keras_split.export.tflite import ExportError
+from keras_split_wire import device_names
 
 __all__ = [
     "ClientProgram",
@@ -66,6 +68,15 @@ def _format_for(path: Path, format: str | None) -> str:
         raise ValueError(f"A {format} export must be written to a path ending in {expected!r}; "
                          f"received {path.name!r}.")
     return format
+
+
+def _require_runtimes(format: str) -> None:
+    """Import the converter and runtime of `format` now: a missing one fails before any work."""
+    if format == "tflite":
+        tflite.require_runtime()
+    else:
+        onnx_export.require_converter()
+        onnx_export.require_runtime()
 
 
 def sample_inputs(model: keras.Model, batch: int, seed: int = 0) -> list[np.ndarray]:
@@ -119,9 +130,12 @@ def export_client(model: keras.Model, path, format: str | None = None, optimizer
             naming the layer or setting.
         ExportError: the converter needs non-builtin ops, or the converted
             model's step differs from TensorFlow's.
+        ImportError: the converter or runtime of the format is not installed
+            (they come with `pip install 'keras-split[export]'`).
     """
     path = Path(path)
     format = _format_for(path, format)
+    _require_runtimes(format)
     program = ClientProgram(model)
     update = from_keras(optimizer)
     keras_optimizer = keras.optimizers.get(optimizer) if isinstance(optimizer, str) else optimizer
@@ -132,16 +146,11 @@ def export_client(model: keras.Model, path, format: str | None = None, optimizer
     reference = reference_step(model, keras_optimizer)
     path.parent.mkdir(parents=True, exist_ok=True)
     if format == "tflite":
-        from keras_split.export import tflite
-        from keras_split.export.device import DeviceModule
-
         module = DeviceModule(program, update)
         data = tflite.convert(module, list(module.functions))
         error = tflite.run_train_check(data, module, reference, x, grads, CHECK_ATOL)
         path.write_bytes(data)
         return ExportReport([path], "tflite", list(module.functions), len(data), error)
-    from keras_split.export import onnx_export
-
     return onnx_export.export(program, update, path, reference, x, grads, CHECK_ATOL)
 
 
@@ -154,10 +163,6 @@ def export_inference(model: keras.Model, path, quantize: str | None = None,
     """
     import tensorflow as tf
 
-    from keras_split.export import tflite
-    from keras_split.export.device import DeviceModule
-    from keras_split.export.optimizers import SGD
-
     path = Path(path)
     if path.suffix != ".tflite":
         raise ValueError(f"Inference exports are TFLite files ending in '.tflite'; received "
@@ -167,14 +172,17 @@ def export_inference(model: keras.Model, path, quantize: str | None = None,
                "int8": {"optimizations": [tf.lite.Optimize.DEFAULT]}}
     if quantize not in options:
         raise ValueError(f"`quantize` must be None, 'float16' or 'int8'; received {quantize!r}.")
+    _require_runtimes("tflite")
     module = DeviceModule(ClientProgram(model), SGD(0.0))
-    data = tflite.convert(module, ["infer"], **options[quantize])
+    data = tflite.convert(module, [device_names.INFER], **options[quantize])
     x = sample_inputs(model, check_batch)
-    runner = tflite.interpreter(data).get_signature_runner("infer")
+    runner = tflite.interpreter(data).get_signature_runner(device_names.INFER)
     got = runner(**dict(zip(module.names, x, strict=True)))
     want = model(x[0] if len(x) == 1 else x, training=False)
     want = want if isinstance(want, (list, tuple)) else [want]
-    error = max(float(np.abs(got[f"cut_{i}"] - np.asarray(w)).max()) for i, w in enumerate(want))
+    error = max(float(np.abs(got[device_names.cut(i)] - np.asarray(w)).max())
+                for i, w in enumerate(want))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-    return ExportReport([path], "tflite", ["infer"], len(data), inference_error=error)
+    return ExportReport([path], "tflite", [device_names.INFER], len(data),
+                        inference_error=error)

@@ -16,7 +16,9 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from keras_split.export import export_client, export_inference
+from keras_split.export import export_client, export_inference, tflite
+from keras_split.export.onnx_export import session
+from keras_split_wire import device_names
 
 
 def _sha256(path: Path) -> str:
@@ -28,9 +30,7 @@ def _tensor(name, shape, dtype):
 
 
 def _tflite_signatures(path: Path) -> dict:
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_path=str(path))
+    interpreter = tflite.interpreter(path.read_bytes())
     result = {}
     for key in interpreter.get_signature_list():
         runner = interpreter.get_signature_runner(key)
@@ -44,8 +44,6 @@ def _tflite_signatures(path: Path) -> dict:
 
 
 def _onnx_signature(path: Path) -> dict:
-    from keras_split.export.onnx_export import session
-
     graph = session(path)
 
     def describe(values):
@@ -83,7 +81,7 @@ def write_artefacts(client: keras.Model, folder, optimizer) -> dict:
     optimizer = keras.optimizers.get(optimizer) if isinstance(optimizer, str) else optimizer
     manifest = {
         "client": {"inputs": [_tensor(t.name, [-1, *t.shape[1:]], t.dtype) for t in client.inputs],
-                   "cut": [_tensor(f"cut_{i}", [-1, *t.shape[1:]], t.dtype)
+                   "cut": [_tensor(device_names.cut(i), [-1, *t.shape[1:]], t.dtype)
                            for i, t in enumerate(client.outputs)],
                    "parameters": int(sum(np.prod(w.shape) for w in client.trainable_weights))},
         "optimizer": {"class": type(optimizer).__name__,

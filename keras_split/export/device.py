@@ -18,12 +18,13 @@ import numpy as np
 import tensorflow as tf
 
 from keras_split.export.optimizers import initial_slots
+from keras_split_wire import device_names
 
 
 def input_names(program) -> list[str]:
     """Signature names of the model's inputs: x0, x1, ... in `model.inputs` order
     (signature inputs are a dict: positional names keep the order recoverable)."""
-    return [f"x{i}" for i in range(len(program.inputs))]
+    return [device_names.model_input(i) for i in range(len(program.inputs))]
 
 
 def _spec(tensor, name):
@@ -48,20 +49,21 @@ class DeviceModule(tf.Module):
         self.weights = [by_id[id(v)] for v in program.weights]
         self.names = input_names(program)
         inputs = [_spec(t, n) for t, n in zip(program.inputs, self.names, strict=True)]
-        grads = [_spec(t, f"grad_{i}") for i, t in enumerate(program.outputs)]
-        weights = [tf.TensorSpec(w.shape, w.dtype, name=f"w{i:03d}")
+        grads = [_spec(t, device_names.cut_gradient(i)) for i, t in enumerate(program.outputs)]
+        weights = [tf.TensorSpec(w.shape, w.dtype, name=device_names.weight(i))
                    for i, w in enumerate(self.weights)]
-        slots = [tf.TensorSpec(s.shape, s.dtype, name=f"s{i:03d}")
+        slots = [tf.TensorSpec(s.shape, s.dtype, name=device_names.slot(i))
                  for i, s in enumerate(self.slots)]
-        step = [tf.TensorSpec([], tf.float32, name="step")]
+        step = [tf.TensorSpec([], tf.float32, name=device_names.STEP)]
         self.functions = {
-            "infer": tf.function(self._infer, input_signature=inputs),
-            "forward": tf.function(self._forward, input_signature=inputs),
-            "train": tf.function(self._train, input_signature=inputs + grads),
-            "get_weights": tf.function(self._get_weights, input_signature=[]),
-            "set_weights": tf.function(self._set_weights, input_signature=weights),
-            "get_optimizer": tf.function(self._get_optimizer, input_signature=[]),
-            "set_optimizer": tf.function(self._set_optimizer, input_signature=slots + step),
+            device_names.INFER: tf.function(self._infer, input_signature=inputs),
+            device_names.FORWARD: tf.function(self._forward, input_signature=inputs),
+            device_names.TRAIN: tf.function(self._train, input_signature=inputs + grads),
+            device_names.GET_WEIGHTS: tf.function(self._get_weights, input_signature=[]),
+            device_names.SET_WEIGHTS: tf.function(self._set_weights, input_signature=weights),
+            device_names.GET_OPTIMIZER: tf.function(self._get_optimizer, input_signature=[]),
+            device_names.SET_OPTIMIZER: tf.function(self._set_optimizer,
+                                                    input_signature=slots + step),
         }
 
     def _run(self, inputs, training):
@@ -71,7 +73,10 @@ class DeviceModule(tf.Module):
 
     @staticmethod
     def _cuts(outputs):
-        return {f"cut_{i}": t for i, t in enumerate(outputs)}
+        return {device_names.cut(i): t for i, t in enumerate(outputs)}
+
+    def _step(self):
+        return {device_names.STEP: self.step.read_value()}
 
     def _infer(self, *inputs):
         return self._cuts(self._run(inputs, training=False)[0])
@@ -97,22 +102,22 @@ class DeviceModule(tf.Module):
         for variable, value in zip(self.state, new_state, strict=True):
             variable.assign(value)
         self.step.assign_add(1.0)
-        return {"step": self.step.read_value()}
+        return self._step()
 
     def _get_weights(self):
-        return {f"w{i:03d}": w.read_value() for i, w in enumerate(self.weights)}
+        return {device_names.weight(i): w.read_value() for i, w in enumerate(self.weights)}
 
     def _set_weights(self, *weights):
         for variable, value in zip(self.weights, weights, strict=True):
             variable.assign(value)
-        return {"step": self.step.read_value()}
+        return self._step()
 
     def _get_optimizer(self):
-        values = {f"s{i:03d}": s.read_value() for i, s in enumerate(self.slots)}
-        return {**values, "step": self.step.read_value()}
+        values = {device_names.slot(i): s.read_value() for i, s in enumerate(self.slots)}
+        return {**values, **self._step()}
 
     def _set_optimizer(self, *values):
         for variable, value in zip(self.slots, values[:-1], strict=True):
             variable.assign(value)
         self.step.assign(values[-1])
-        return {"step": self.step.read_value()}
+        return self._step()

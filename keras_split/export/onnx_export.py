@@ -22,9 +22,11 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from keras_split._optional import require
 from keras_split.export.device import input_names
 from keras_split.export.optimizers import initial_slots
 from keras_split.export.tflite import ExportError
+from keras_split_wire import device_names
 
 OPSET = 17
 
@@ -33,15 +35,15 @@ def _specs(program, update):
     names = input_names(program)
     x = [tf.TensorSpec([None, *t.shape[1:]], t.dtype, name=n)
          for t, n in zip(program.inputs, names, strict=True)]
-    grads = [tf.TensorSpec([None, *t.shape[1:]], tf.float32, name=f"grad_{i}")
+    grads = [tf.TensorSpec([None, *t.shape[1:]], tf.float32, name=device_names.cut_gradient(i))
              for i, t in enumerate(program.outputs)]
-    params = [tf.TensorSpec(v.shape, tf.float32, name=f"p{i:03d}")
+    params = [tf.TensorSpec(v.shape, tf.float32, name=device_names.onnx_parameter(0, i))
               for i, v in enumerate(program.trainable)]
-    state = [tf.TensorSpec(v.shape, tf.float32, name=f"b{i:03d}")
+    state = [tf.TensorSpec(v.shape, tf.float32, name=device_names.onnx_parameter(1, i))
              for i, v in enumerate(program.state)]
-    slots = [tf.TensorSpec(s.shape, tf.float32, name=f"o{i:03d}")
+    slots = [tf.TensorSpec(s.shape, tf.float32, name=device_names.onnx_slot(i))
              for i, s in enumerate(initial_slots(update, program.trainable))]
-    step = tf.TensorSpec([], tf.float32, name="step")
+    step = tf.TensorSpec([], tf.float32, name=device_names.STEP)
     return x, grads, params, state, slots, step
 
 
@@ -59,7 +61,8 @@ def functions(program, update):
         return parts
 
     def cuts(outputs):
-        return {f"cut_{i}": tf.identity(t, name=f"cut_{i}") for i, t in enumerate(outputs)}
+        names = [device_names.cut(i) for i in range(len(outputs))]
+        return {n: tf.identity(t, name=n) for n, t in zip(names, outputs, strict=True)}
 
     def infer(*arguments):
         inputs, p, b, _ = split(arguments, nx, np_, ns)
@@ -77,23 +80,31 @@ def functions(program, update):
             outputs, new_b = program.run(p, b, inputs, training=True)
         gradients = tape.gradient(outputs, p, output_gradients=g)
         new_p, new_o = update.apply(p, gradients, o, s)
-        result = {f"new_p{i:03d}": tf.identity(v) for i, v in enumerate(new_p)}
-        result.update({f"new_b{i:03d}": tf.identity(v) for i, v in enumerate(new_b)})
-        result.update({f"new_o{i:03d}": tf.identity(v) for i, v in enumerate(new_o)})
-        result["new_step"] = s + 1.0
+        new = device_names.new
+        result = {new(device_names.onnx_parameter(0, i)): tf.identity(v)
+                  for i, v in enumerate(new_p)}
+        result.update({new(device_names.onnx_parameter(1, i)): tf.identity(v)
+                       for i, v in enumerate(new_b)})
+        result.update({new(device_names.onnx_slot(i)): tf.identity(v)
+                       for i, v in enumerate(new_o)})
+        result[new(device_names.STEP)] = s + 1.0
         return result
 
     return {
-        "infer": (tf.function(infer), x + params + state),
-        "forward": (tf.function(forward), x + params + state),
-        "train": (tf.function(train), x + grads + params + state + slots + [step]),
+        device_names.INFER: (tf.function(infer), x + params + state),
+        device_names.FORWARD: (tf.function(forward), x + params + state),
+        device_names.TRAIN: (tf.function(train), x + grads + params + state + slots + [step]),
     }
 
 
-def _convert(function, signature, path):
-    import onnx
-    import tf2onnx
+def require_converter():
+    """onnx and tf2onnx, which check and write the graphs (onnx first: tf2onnx needs it)."""
+    onnx = require("onnx", "ONNX export", "export")
+    return onnx, require("tf2onnx", "ONNX export", "export")
 
+
+def _convert(function, signature, path):
+    onnx, tf2onnx = require_converter()
     try:
         model, _ = tf2onnx.convert.from_function(function, input_signature=signature,
                                                  opset=OPSET, output_path=str(path))
@@ -104,29 +115,33 @@ def _convert(function, signature, path):
 
 
 def initial_state(program, update) -> dict[str, np.ndarray]:
-    arrays = {f"p{i:03d}": np.asarray(v.numpy(), np.float32)
+    arrays = {device_names.onnx_parameter(0, i): np.asarray(v.numpy(), np.float32)
               for i, v in enumerate(program.trainable)}
-    arrays.update({f"b{i:03d}": np.asarray(v.numpy(), np.float32)
+    arrays.update({device_names.onnx_parameter(1, i): np.asarray(v.numpy(), np.float32)
                    for i, v in enumerate(program.state)})
-    arrays.update({f"o{i:03d}": s for i, s in enumerate(initial_slots(update, program.trainable))})
-    arrays["step"] = np.zeros((), np.float32)
+    arrays.update({device_names.onnx_slot(i): s
+                   for i, s in enumerate(initial_slots(update, program.trainable))})
+    arrays[device_names.STEP] = np.zeros((), np.float32)
     # Where each of model.get_weights() lives: [0, i] = p[i], [1, i] = b[i].
     index = {id(v): (0, i) for i, v in enumerate(program.trainable)}
     index.update({id(v): (1, i) for i, v in enumerate(program.state)})
-    arrays["weight_order"] = np.array([index[id(v)] for v in program.weights], np.int64)
+    arrays[device_names.WEIGHT_ORDER] = np.array([index[id(v)] for v in program.weights],
+                                                 np.int64)
     return arrays
 
 
 def paths(path):
-    stem = str(path)[: -len(".onnx")]
-    return {"infer": path, "forward": f"{stem}.forward.onnx", "train": f"{stem}.train.onnx",
-            "state": f"{stem}.state.npz"}
+    """The files of an export whose inference graph is `path` (`*.onnx`)."""
+    return device_names.onnx_files(str(path)[: -len(".onnx")])
+
+
+def require_runtime():
+    """onnxruntime, which checks every export (the runtime a device uses)."""
+    return require("onnxruntime", "ONNX export", "export")
 
 
 def session(path):
-    import onnxruntime
-
-    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return require_runtime().InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
 def export(program, update, path, reference, x, grads, atol):
@@ -137,24 +152,24 @@ def export(program, update, path, reference, x, grads, atol):
     for name, (function, signature) in graphs.items():
         _convert(function, signature, targets[name])
     state = initial_state(program, update)
-    np.savez(targets["state"], **state)
+    np.savez(targets[device_names.ONNX_STATE], **state)
     # The export-time check: one train step in onnxruntime against TensorFlow's.
     names = input_names(program)
     feed = {**dict(zip(names, x, strict=True)),
-            **{f"grad_{i}": g for i, g in enumerate(grads)},
-            **{k: v for k, v in state.items() if k != "weight_order"}}
-    train = session(targets["train"])
+            **{device_names.cut_gradient(i): g for i, g in enumerate(grads)},
+            **{k: v for k, v in state.items() if k != device_names.WEIGHT_ORDER}}
+    train = session(targets[device_names.TRAIN])
     wanted = {i.name for i in train.get_inputs()}
     outputs = dict(zip([o.name for o in train.get_outputs()],
                        train.run(None, {k: v for k, v in feed.items() if k in wanted}),
                        strict=True))
-    groups = {0: "new_p", 1: "new_b"}
-    after = [outputs[f"{groups[g]}{i:03d}"] for g, i in state["weight_order"]]
+    after = [outputs[device_names.new(device_names.onnx_parameter(g, i))]
+             for g, i in state[device_names.WEIGHT_ORDER]]
     want = reference(x, grads)
     error = max(float(np.abs(a - w).max()) for a, w in zip(after, want, strict=True))
     if error > atol:
         raise ExportError(f"The ONNX train step differs from TensorFlow's by {error:.3g} "
                           f"(tolerance {atol}).")
-    files = [targets[k] for k in ("infer", "forward", "train", "state")]
+    files = list(targets.values())
     size = sum(os.path.getsize(f) for f in files)
     return ExportReport([type(path)(f) for f in files], "onnx", list(graphs), size, error)

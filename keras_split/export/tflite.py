@@ -8,7 +8,9 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
+from keras_split._optional import require
 from keras_split.export.device import DeviceModule
+from keras_split_wire import device_names
 
 
 class ExportError(RuntimeError):
@@ -49,11 +51,15 @@ def convert(module: DeviceModule, keys, optimizations=None, supported_types=None
                 from None
 
 
+def require_runtime():
+    """The LiteRT interpreter class: every export is checked in the runtime a phone uses."""
+    litert = require("ai_edge_litert.interpreter", "LiteRT export", "export")
+    return litert.Interpreter
+
+
 def interpreter(model: bytes):
     """A LiteRT interpreter for `model` (the runtime a phone uses)."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    return Interpreter(model_content=model)
+    return require_runtime()(model_content=model)
 
 
 def run_train_check(model: bytes, module: DeviceModule, reference_step, x, grads,
@@ -64,17 +70,19 @@ def run_train_check(model: bytes, module: DeviceModule, reference_step, x, grads
     keep their values would fail here.
     """
     runner = interpreter(model)
-    weights = runner.get_signature_runner("get_weights")()
+    weights = runner.get_signature_runner(device_names.GET_WEIGHTS)()
     for i, variable in enumerate(module.weights):
-        got = weights[f"w{i:03d}"]
+        got = weights[device_names.weight(i)]
         if not np.allclose(got, variable.numpy(), atol=atol, rtol=0):
             raise ExportError(f"Weight {i} reads back wrong from the converted model "
                               f"(largest error {np.abs(got - variable.numpy()).max():.3g}).")
     inputs = dict(zip(module.names, x, strict=True))
-    runner.get_signature_runner("train")(**inputs, **{f"grad_{i}": g for i, g in enumerate(grads)})
-    after = runner.get_signature_runner("get_weights")()
+    gradients = {device_names.cut_gradient(i): g for i, g in enumerate(grads)}
+    runner.get_signature_runner(device_names.TRAIN)(**inputs, **gradients)
+    after = runner.get_signature_runner(device_names.GET_WEIGHTS)()
     want = reference_step(x, grads)
-    error = max(float(np.abs(after[f"w{i:03d}"] - w).max()) for i, w in enumerate(want))
+    error = max(float(np.abs(after[device_names.weight(i)] - w).max())
+                for i, w in enumerate(want))
     if error > atol:
         raise ExportError(
             f"The converted model's train step differs from TensorFlow's by {error:.3g} "

@@ -8,17 +8,21 @@ import datetime
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
-try:
+from keras_split._optional import require
+
+
+def _crypto() -> SimpleNamespace:
+    """The parts of cryptography used here, imported on first use (the `tls` extra)."""
+    require("cryptography", "Making development certificates", "tls")
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
-except ImportError as error:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "Making development certificates requires the cryptography package. Install it with "
-        "pip install 'keras-split[tls]'."
-    ) from error
+
+    return SimpleNamespace(x509=x509, hashes=hashes, serialization=serialization, ec=ec,
+                           NameOID=NameOID)
 
 
 @dataclass
@@ -28,20 +32,29 @@ class Pair:
 
 
 def _key():
+    ec = _crypto().ec
     return ec.generate_private_key(ec.SECP256R1())
 
 
 def _pem(key) -> bytes:
+    serialization = _crypto().serialization
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
 
+def _sans() -> list:
+    x509 = _crypto().x509
+    return [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+
+
 def _build(subject, issuer, public_key, signing_key, ca: bool, sans=None):
+    crypto = _crypto()
+    x509, common_name = crypto.x509, crypto.NameOID.COMMON_NAME
     now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+        .subject_name(x509.Name([x509.NameAttribute(common_name, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(common_name, issuer)]))
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
@@ -50,7 +63,7 @@ def _build(subject, issuer, public_key, signing_key, ca: bool, sans=None):
     )
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    return builder.sign(signing_key, hashes.SHA256())
+    return builder.sign(signing_key, crypto.hashes.SHA256())
 
 
 class Authority:
@@ -61,20 +74,18 @@ class Authority:
 
     @property
     def pem(self) -> bytes:
-        return self.certificate.public_bytes(serialization.Encoding.PEM)
+        return self.certificate.public_bytes(_crypto().serialization.Encoding.PEM)
 
     def issue(self, common_name: str) -> Pair:
         key = _key()
-        sans = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-        cert = _build(common_name, self.name, key.public_key(), self.key, ca=False, sans=sans)
-        return Pair(cert.public_bytes(serialization.Encoding.PEM), _pem(key))
+        cert = _build(common_name, self.name, key.public_key(), self.key, ca=False, sans=_sans())
+        return Pair(cert.public_bytes(_crypto().serialization.Encoding.PEM), _pem(key))
 
 
 def self_signed(common_name="localhost") -> Pair:
     key = _key()
-    sans = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    cert = _build(common_name, common_name, key.public_key(), key, ca=True, sans=sans)
-    return Pair(cert.public_bytes(serialization.Encoding.PEM), _pem(key))
+    cert = _build(common_name, common_name, key.public_key(), key, ca=True, sans=_sans())
+    return Pair(cert.public_bytes(_crypto().serialization.Encoding.PEM), _pem(key))
 
 
 def write_dev_certificates(folder) -> dict[str, Path]:
