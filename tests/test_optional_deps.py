@@ -11,10 +11,10 @@ import textwrap
 import keras
 import pytest
 
-from keras_split import _optional
 from keras_split.export import export_client, export_inference
 from keras_split.network import devcerts
 from keras_split_edge import runtime
+from keras_split_wire.optional import require
 
 OPTIONAL = ("tf2onnx", "onnx", "ai_edge_litert", "onnxruntime", "cryptography")
 
@@ -100,18 +100,17 @@ def test_edge_runtime_without_its_interpreter_says_how_to_install_it(monkeypatch
     assert str(info.value) == message
 
 
-@pytest.mark.parametrize("require", [_optional.require, runtime.require],
-                         ids=["keras_split", "keras_split_edge"])
-def test_require_imports_the_module_or_names_the_pypi_package(monkeypatch, require):
+def test_require_imports_the_module_or_names_the_pypi_package(monkeypatch):
+    # One helper, in the wire package, serves the library and the device runtime.
     assert require("json", "Reading JSON", "any").dumps([]) == "[]"
     # A cached submodule does not hide a package that is gone.
     _block(monkeypatch, "email")
     monkeypatch.setitem(sys.modules, "email.message", object())
     with pytest.raises(ImportError, match=r"^Mail requires email\. Install it with pip install "
-                                          r"'keras-split(-edge)?\[mail\]'\.$"):
-        require("email.message", "Mail", "mail")
+                                          r"'keras-split-edge\[mail\]'\.$"):
+        require("email.message", "Mail", "keras-split-edge[mail]")
     _block(monkeypatch, "some_package")
     with pytest.raises(ImportError, match="requires some-package"):
-        require("some_package.sub", "Something", "extra")
+        require("some_package.sub", "Something", "keras-split[extra]")
     with pytest.raises(ImportError, match="requires PyPI-Name"):
-        require("some_package", "Something", "extra", package="PyPI-Name")
+        require("some_package", "Something", "keras-split[extra]", package="PyPI-Name")

@@ -17,33 +17,15 @@ Neither TensorFlow nor keras_split is imported here.
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 
 from keras_split_wire import device_names as names
+from keras_split_wire.optional import require
 
 STATE_FILE = names.DEVICE_STATE_FILE
-
-
-def require(module: str, feature: str, extra: str, package: str | None = None) -> ModuleType:
-    """Import `module` for `feature`, or raise an `ImportError` that says how to install it.
-
-    The device picks its runtime by extra (`litert`, `onnx`, `all`); the one
-    an export needs is imported only when such an export is opened.
-    """
-    root = module.split(".")[0]
-    try:
-        # The top-level package first: a cached submodule would hide a blocked parent.
-        importlib.import_module(root)
-        return importlib.import_module(module)
-    except ImportError as error:
-        name = package or root.replace("_", "-")
-        raise ImportError(f"{feature} requires {name}. Install it with "
-                          f"pip install 'keras-split-edge[{extra}]'.") from error
 
 
 class ExportedModel:
@@ -94,7 +76,8 @@ class LiteRTModel(ExportedModel):
     """A `.tflite` export in the LiteRT interpreter."""
 
     def __init__(self, path):
-        litert = require("ai_edge_litert.interpreter", "Running a .tflite export", "litert")
+        litert = require("ai_edge_litert.interpreter", "Running a .tflite export",
+                         "keras-split-edge[litert]")
         self.path = Path(path)
         self._interpreter = litert.Interpreter(model_path=str(path))
         signatures = self._interpreter.get_signature_list()
@@ -159,7 +142,7 @@ class OnnxModel(ExportedModel):
     """An `.onnx` export (stateless graphs) in plain onnxruntime; the state lives here."""
 
     def __init__(self, path):
-        onnxruntime = require("onnxruntime", "Running an .onnx export", "onnx")
+        onnxruntime = require("onnxruntime", "Running an .onnx export", "keras-split-edge[onnx]")
         self.path = Path(path)
         files = names.onnx_files(str(path)[: -len(".onnx")])
 

@@ -22,11 +22,11 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from keras_split._optional import require
 from keras_split.export.device import input_names
 from keras_split.export.optimizers import initial_slots
 from keras_split.export.tflite import ExportError
 from keras_split_wire import device_names
+from keras_split_wire.optional import require
 
 OPSET = 17
 
@@ -99,8 +99,8 @@ def functions(program, update):
 
 def require_converter():
     """onnx and tf2onnx, which check and write the graphs (onnx first: tf2onnx needs it)."""
-    onnx = require("onnx", "ONNX export", "export")
-    return onnx, require("tf2onnx", "ONNX export", "export")
+    onnx = require("onnx", "ONNX export", "keras-split[export]")
+    return onnx, require("tf2onnx", "ONNX export", "keras-split[export]")
 
 
 def _convert(function, signature, path):
@@ -137,7 +137,7 @@ def paths(path):
 
 def require_runtime():
     """onnxruntime, which checks every export (the runtime a device uses)."""
-    return require("onnxruntime", "ONNX export", "export")
+    return require("onnxruntime", "ONNX export", "keras-split[export]")
 
 
 def session(path):

@@ -8,9 +8,9 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
-from keras_split._optional import require
 from keras_split.export.device import DeviceModule
 from keras_split_wire import device_names
+from keras_split_wire.optional import require
 
 
 class ExportError(RuntimeError):
@@ -53,7 +53,7 @@ def convert(module: DeviceModule, keys, optimizations=None, supported_types=None
 
 def require_runtime():
     """The LiteRT interpreter class: every export is checked in the runtime a phone uses."""
-    litert = require("ai_edge_litert.interpreter", "LiteRT export", "export")
+    litert = require("ai_edge_litert.interpreter", "LiteRT export", "keras-split[export]")
     return litert.Interpreter
 
 

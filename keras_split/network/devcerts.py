@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-from keras_split._optional import require
+from keras_split_wire.optional import require
 
 
 def _crypto() -> SimpleNamespace:
     """The parts of cryptography used here, imported on first use (the `tls` extra)."""
-    require("cryptography", "Making development certificates", "tls")
+    require("cryptography", "Making development certificates", "keras-split[tls]")
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec

@@ -1,8 +1,9 @@
 """Optional dependencies, imported where they are needed, with the install line when missing.
 
-The exporters and their runtimes (`export` extra) and the development
-certificates (`tls` extra) are not needed to train, so `import keras_split`
-never imports them; the function that needs one calls `require` first.
+Both the library (`keras-split[export]`, `[tls]`) and the device runtime
+(`keras-split-edge[litert]`, `[onnx]`) keep converters, runtimes and
+certificate tools out of their import path; the function that needs one calls
+`require` first.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ import importlib
 from types import ModuleType
 
 
-def require(module: str, feature: str, extra: str, package: str | None = None) -> ModuleType:
+def require(module: str, feature: str, install: str, package: str | None = None) -> ModuleType:
     """Import `module` for `feature`, or raise an `ImportError` that says how to install it.
 
     Args:
         module: the module to import, e.g. `"tf2onnx"` or `"ai_edge_litert.interpreter"`.
         feature: what needs it, as the start of the sentence ("ONNX export").
-        extra: the keras-split extra that installs it ("export", "tls").
+        install: what to `pip install` for it, e.g. `"keras-split[export]"`.
         package: its name on PyPI, if not the top-level module's with "-" for "_".
 
     Returns:
@@ -26,7 +27,7 @@ def require(module: str, feature: str, extra: str, package: str | None = None) -
     Example:
 
     ```python
-    tf2onnx = require("tf2onnx", "ONNX export", "export")
+    tf2onnx = require("tf2onnx", "ONNX export", "keras-split[export]")
     ```
     """
     root = module.split(".")[0]
@@ -37,4 +38,4 @@ def require(module: str, feature: str, extra: str, package: str | None = None) -
     except ImportError as error:
         name = package or root.replace("_", "-")
         raise ImportError(f"{feature} requires {name}. Install it with "
-                          f"pip install 'keras-split[{extra}]'.") from error
+                          f"pip install '{install}'.") from error
