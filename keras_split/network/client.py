@@ -11,6 +11,7 @@ from keras_split import checkpoint, trainer
 from keras_split.network.transport import GrpcTransport
 from keras_split.partition import spec_of
 from keras_split.roles import ClientRole
+from keras_split_wire import device_names
 from keras_split_wire.rpc import ServerError
 
 logger = logging.getLogger("keras_split.client")
@@ -44,7 +45,8 @@ class SplitClient(trainer.LoopOwner):
                  **transport_options):
         super().__init__()
         self.client = model
-        self.cut_specs = tuple(spec_of(f"cut_{i}", t) for i, t in enumerate(model.outputs))
+        # Named as the device names them, so either kind of client opens the same session.
+        self.cut_specs = tuple(spec_of(device_names.cut(i), t) for i, t in enumerate(model.outputs))
         self._transport_options = dict(server=server, token=token, **transport_options)
         self.checkpoint_path = None
         self._durable = durable_checkpoints
