@@ -162,6 +162,10 @@ def test_turn_and_report_refuse_bad_calls():
             server.stop()
 
 
+# Both drivers consult the same `RoundPolicy`, so they decide alike by
+# construction (tests/test_policy.py replays one's events into the other). This
+# end-to-end run checks the rest: client processes, gRPC and SFLv1's per-client
+# server copies give the in-process weights.
 def test_splitfed_v1_with_client_processes_equals_in_process(tmp_path, rng):
     from keras_split.configurations.federation import SplitFed
     from keras_split.configurations.rounds import PerClientRole

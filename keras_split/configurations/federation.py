@@ -20,6 +20,15 @@ discarded, the round completes with the others, and it takes part again in the
 next round. (Server steps it completed before failing stay applied, as they
 would on a real server; SFLv1 discards that client's server copy instead.)
 
+Whose turn it is, what a client starts from, the
+FedAvg and who is dropped are decided by
+`keras_split.configurations.policy.RoundPolicy`, the same policy that
+`keras_split.configurations.rounds.RoundCoordinator` runs for client processes;
+here it is called one event at a time (the round starts, client i goes, client
+i reports or fails, the round ends), and `self.policy` is the last `fit`'s. A
+report the policy refuses (non-finite weights after a diverged step, say) is a
+dropout like a failed link.
+
 Every client is the one split step of `protocol`: a `ClientRole` and a
 transport to a `ServerRole`. Here all parties run in one process.
 """
@@ -27,13 +36,16 @@ transport to a `ServerRole`. Here all parties run in one process.
 from __future__ import annotations
 
 import logging
+import time
 
 import keras
-import numpy as np
 
+from keras_split.configurations.policy import RoundError, RoundPolicy, fedavg
 from keras_split.roles import ServerRole
 from keras_split.split_model import SplitModel
 from keras_split.transport import InProcessTransport, Transport
+
+__all__ = ["FAILURES", "RoundRobin", "SplitFed", "fedavg"]
 
 logger = logging.getLogger("keras_split.configurations.federation")
 FAILURES = (ConnectionError, TimeoutError)
@@ -45,15 +57,6 @@ def _clone(model: keras.Model) -> keras.Model:
     return copy
 
 
-def fedavg(weight_sets: list[list[np.ndarray]], counts: list[int]) -> list[np.ndarray]:
-    """The sample-weighted average of several weight lists (FedAvg)."""
-    if not weight_sets:
-        raise ValueError("No weights to average: every client dropped out of the round.")
-    total = float(sum(counts))
-    return [sum(w[i] * (n / total) for w, n in zip(weight_sets, counts, strict=True))
-            .astype(weight_sets[0][i].dtype) for i in range(len(weight_sets[0]))]
-
-
 class _Federation:
     def __init__(self, client: keras.Model, server: keras.Model, clients: int):
         if not isinstance(clients, int) or clients < 1:
@@ -63,6 +66,43 @@ class _Federation:
         self.history: list[dict] = []
         self.wrap = None
         self.transports = None
+        self.policy: RoundPolicy | None = None
+
+    def _start(self, weights, mode: str, rounds: int) -> RoundPolicy:
+        """A policy for one `fit`, every client a member in index order (the
+        turn order), so the first round starts at once."""
+        self.policy = RoundPolicy(weights, mode, rounds, clients=self.count)
+        for index in range(self.count):
+            self.policy.join(index, time.monotonic())
+        return self.policy
+
+    def _go(self, index: int, number: int):
+        turn = self.policy.turn(index, number + 1, time.monotonic())
+        if not turn.go:  # the drivers call the policy in its order, so never
+            raise RuntimeError(f"Internal error: the round policy did not let client {index} "
+                               f"train in round {number + 1} ({self.policy!r}).")
+        return turn.weights
+
+    def _train(self, index: int, number: int, party: SplitModel, x, y, **options):
+        """Client `index`'s turn: `party.fit(x, y, **options)`, reported to the
+        policy. A failed link or a refused report drops the client.
+
+        Returns:
+            The fit's `History`, or None if the client was dropped.
+        """
+        try:
+            history = party.fit(x, y, **options)
+            self.policy.report(index, number + 1, party.client.get_weights(), len(x),
+                               time.monotonic())
+        except (*FAILURES, RoundError) as error:
+            logger.warning("Client %d dropped out of round %d: %s", index, number + 1, error)
+            self.policy.fail(index, time.monotonic())
+            return None
+        return history
+
+    def _ended(self):
+        (ended,) = self.policy.take_round_ends()
+        return ended, self.policy.history[ended.round - 1]
 
     def _link(self, index: int, role) -> Transport:
         transport = self.transports[index] if self.transports else InProcessTransport(role)
@@ -129,30 +169,29 @@ class RoundRobin(_Federation):
     def fit(self, shards, rounds=1, batch_size=32, shuffle=False, seed=None, verbose=0):
         """Each round, every client trains one epoch on its shard, in turn."""
         self._check_shards(shards)
+        self._start(self.latest, "round_robin", rounds)
         for number in range(rounds):
-            record = {"round": number + 1, "dropped": [], "loss": {}}
+            losses = {}
             for index, (party, (x, y)) in enumerate(zip(self.clients, shards, strict=True)):
                 # The hand-off: the latest client half reaches this client.
                 self.weights_seen_by.add("server" if self.handoff == "server" else "clients")
-                party.client.set_weights(self.latest)
+                party.client.set_weights(self._go(index, number))
                 optimizer = party.client_role.optimizer
                 if self.handoff_optimizer and self.latest_optimizer is not None:
                     for variable, value in zip(optimizer.variables, self.latest_optimizer,
                                                strict=True):
                         variable.assign(value)
-                try:
-                    history = party.fit(x, y, batch_size=batch_size, epochs=1, shuffle=shuffle,
-                                        seed=seed, verbose=verbose)
-                except FAILURES as error:
-                    logger.warning("Client %d dropped out of round %d: %s", index, number + 1,
-                                   error)
-                    record["dropped"].append(index)
+                history = self._train(index, number, party, x, y, batch_size=batch_size,
+                                      epochs=1, shuffle=shuffle, seed=seed, verbose=verbose)
+                if history is None:
                     continue
-                self.latest = party.client.get_weights()
+                self.latest = self.policy.weights
                 if self.handoff_optimizer:
                     self.latest_optimizer = [v.numpy() for v in optimizer.variables]
-                record["loss"][index] = history.history["loss"][-1]
-            self.history.append(record)
+                losses[index] = history.history["loss"][-1]
+            _, record = self._ended()
+            self.history.append({"round": number + 1, "dropped": list(record.dropped),
+                                 "loss": losses})
         self.client_model.set_weights(self.latest)
         return self.history
 
@@ -202,29 +241,30 @@ class SplitFed(_Federation):
         """Each round: every client trains `local_epochs` on its shard from the
         round's client half (and server half, SFLv1); then both are averaged."""
         self._check_shards(shards)
+        self._start(self.client_model.get_weights(), "splitfed", rounds)
         for number in range(rounds):
-            start_client = self.client_model.get_weights()
             start_server = self.server_model.get_weights()
-            trained, servers, counts, record = [], [], [], {"round": number + 1, "dropped": []}
+            # SplitFed: every client goes when the round starts, from the same
+            # client half; here they then train one after the other.
+            starts = [self._go(index, number) for index in range(self.count)]
+            servers = {}
             for index, party in enumerate(self.clients):
                 x, y = shards[index]
-                party.client.set_weights(start_client)
+                party.client.set_weights(starts[index])
                 if self.version == 1:
                     self.server_copies[index].set_weights(start_server)
-                try:
-                    party.fit(x, y, batch_size=batch_size, epochs=local_epochs,
-                              shuffle=shuffle, seed=seed, verbose=verbose)
-                except FAILURES as error:
-                    logger.warning("Client %d dropped out of round %d: %s", index, number + 1,
-                                   error)
-                    record["dropped"].append(index)
-                    continue
-                trained.append(party.client.get_weights())
-                servers.append(self.server_copies[index].get_weights())
-                counts.append(len(x))
-            self.client_model.set_weights(fedavg(trained, counts))
-            if self.version == 1:
-                self.server_model.set_weights(fedavg(servers, counts))
-            record["clients"] = len(trained)
-            self.history.append(record)
+                history = self._train(index, number, party, x, y, batch_size=batch_size,
+                                      epochs=local_epochs, shuffle=shuffle, seed=seed,
+                                      verbose=verbose)
+                if history is not None:
+                    servers[index] = self.server_copies[index].get_weights()
+            ended, record = self._ended()
+            if not ended.counts:
+                raise ValueError("No weights to average: every client dropped out of the round.")
+            self.client_model.set_weights(ended.weights)
+            if self.version == 1:  # the server copies, with the same FedAvg weights
+                self.server_model.set_weights(fedavg([servers[i] for i in ended.counts],
+                                                     list(ended.counts.values())))
+            self.history.append({"round": number + 1, "dropped": list(record.dropped),
+                                 "clients": len(ended.counts)})
         return self.history

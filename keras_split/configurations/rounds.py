@@ -13,35 +13,39 @@ calls besides `Open` and `Step`:
   reports (FedAvg by sample count) once every client that started the round has
   reported.
 
+Which client goes, what it starts from, the FedAvg and who is dropped are all
+decided by `keras_split.configurations.policy.RoundPolicy`, the same policy the
+in-process `RoundRobin` and `SplitFed` consult; the coordinator adds only what
+a server needs around it: a lock, the clock, long polls, and (SFLv1) averaging
+the per-client server copies when a round ends.
+
 A client that does not report within `turn_timeout` seconds of starting (a
 killed process, a lost network) is dropped from that turn or round: the others
 go on, and its late report is refused. Clients are known by their client id
 (token or certificate), so one that restarts with a new session rejoins from
-the next turn or round.
+the next turn or round. Every report is checked before it is taken (see the
+policy); one that fails is refused with `RoundError` and changes nothing.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import keras
-import numpy as np
 
-from keras_split.configurations.federation import fedavg
+from keras_split.configurations.policy import (
+    DEFAULT_MAX_SAMPLES,
+    RoundError,
+    RoundPolicy,
+    RoundRecord,
+    fedavg,
+)
 from keras_split.roles import ServerRole
 
-
-@dataclass
-class RoundRecord:
-    round: int
-    trained: list[str] = field(default_factory=list)
-    dropped: list[str] = field(default_factory=list)
-
-
-class RoundError(ValueError):
-    """A report that does not fit the round (late, unexpected, wrong shapes)."""
+# Defined with the policy; imported from here as before.
+__all__ = ["PerClientRole", "RoundCoordinator", "RoundError", "RoundRecord"]
 
 
 class PerClientRole:
@@ -93,6 +97,10 @@ class PerClientRole:
 class RoundCoordinator:
     """Turns and rounds for `clients` client processes; see the module doc.
 
+    A thread-safe driver of one `RoundPolicy` (`self.policy`): every call takes
+    the lock, hands the policy the time, and wakes the waiting `turn` calls
+    whenever the policy's state changed.
+
     Args:
         weights: the client half's initial weights (`client.get_weights()`).
         mode: "round_robin" or "splitfed".
@@ -103,140 +111,82 @@ class RoundCoordinator:
         poll: the longest a `Turn` call waits before answering "ask again".
         server: for SFLv1, the server's `PerClientRole`, averaged each round
             like the client halves; SplitFed is SFLv2 without it.
+        max_samples: the largest sample count a report may give.
+        clock: the time in seconds (monotonic); tests and simulations pass
+            their own.
     """
 
     def __init__(self, weights, mode: str = "round_robin", rounds: int = 1, clients: int = 2,
-                 turn_timeout: float = 60.0, poll: float = 5.0, server=None):
+                 turn_timeout: float = 60.0, poll: float = 5.0, server=None,
+                 max_samples: int = DEFAULT_MAX_SAMPLES,
+                 clock: Callable[[], float] = time.monotonic):
         if server is not None and mode != "splitfed":
             raise ValueError("`server` (per-client server copies) applies to SplitFed only.")
-        self.server = server
-        if mode not in ("round_robin", "splitfed"):
-            raise ValueError(f"`mode` must be 'round_robin' or 'splitfed', received {mode!r}.")
-        self.mode, self.rounds, self.expected = mode, rounds, clients
-        self.turn_timeout, self.poll = turn_timeout, poll
-        self.weights = [np.asarray(w) for w in weights]
-        self.round = 1
-        self.members: list[str] = []          # in order of arrival: the turn order
-        self.history: list[RoundRecord] = [RoundRecord(1)]
+        self.policy = RoundPolicy(weights, mode, rounds, clients, turn_timeout, max_samples)
+        self.server, self.poll, self.clock = server, poll, clock
         self._lock = threading.Condition()
-        self._turn = 0                         # round-robin: index into members
-        self._started: dict[str, float] = {}   # who is training now, since when
-        self._reports: dict[str, tuple] = {}   # SplitFed: this round's reports
-        self._opened = None                    # when the current turn or round opened
 
-    @property
-    def finished(self) -> bool:
-        return self.round > self.rounds
+    # What the policy holds, read as before.
+    mode = property(lambda self: self.policy.mode)
+    rounds = property(lambda self: self.policy.rounds)
+    expected = property(lambda self: self.policy.expected)
+    turn_timeout = property(lambda self: self.policy.turn_timeout)
+    max_samples = property(lambda self: self.policy.max_samples)
+    round = property(lambda self: self.policy.round)
+    weights = property(lambda self: self.policy.weights)
+    members = property(lambda self: self.policy.members)
+    history = property(lambda self: self.policy.history)
+    finished = property(lambda self: self.policy.finished)
 
-    # -- the two calls ---------------------------------------------------------
+    # -- the calls (each one event of the policy) ---------------------------------
+
+    def join(self, client_id: str) -> bool:
+        """Make `client_id` a member (next in the turn order) without asking for
+        a turn; `turn` does this too. Returns whether it was new."""
+        with self._lock:
+            return self._apply(self.policy.join, client_id, self.clock())
 
     def turn(self, client_id: str, ready_for: int):
         """(go, round, weights, finished) for `client_id`, waiting up to `poll` s."""
-        deadline = time.monotonic() + self.poll
+        deadline = self.clock() + self.poll
         with self._lock:
-            if client_id not in self.members:
-                self.members.append(client_id)
-                if len(self.members) == self.expected and self._opened is None:
-                    self._opened = time.monotonic()
-                self._lock.notify_all()
             while True:
-                self._expire()
-                if self.finished:
-                    return False, self.round, [], True
-                if self._may_start(client_id, ready_for):
-                    self._started[client_id] = time.monotonic()
-                    return True, self.round, list(self.weights), False
-                left = deadline - time.monotonic()
+                decision = self._apply(self.policy.turn, client_id, ready_for, self.clock())
+                if decision.go or decision.finished:
+                    return decision.go, decision.round, decision.weights, decision.finished
+                now = self.clock()
+                left = deadline - now
                 if left <= 0:
-                    return False, self.round, [], False
-                self._lock.wait(min(left, 0.2))
+                    return False, decision.round, [], False
+                # Wake for a change (notify) or when the policy has someone to
+                # drop, whichever comes first; never spin.
+                due = self.policy.next_expiry()
+                self._lock.wait(left if due is None else min(left, max(due - now, 0.01)))
 
     def report(self, client_id: str, round_: int, weights, samples: int) -> int:
-        weights = [np.asarray(w) for w in weights]
+        """Take `client_id`'s trained client half for `round_`; returns the round
+        now. Raises `RoundError` (and changes nothing) if the report does not fit."""
         with self._lock:
-            self._expire()
-            if round_ != self.round or client_id not in self._started:
-                raise RoundError(f"no turn of {client_id!r} in round {round_} is open (the "
-                                 f"round is {self.round}; a turn that outlived "
-                                 f"{self.turn_timeout:g} s was dropped)")
-            shapes = [w.shape for w in self.weights]
-            if [w.shape for w in weights] != shapes:
-                raise RoundError(f"the reported weights have shapes {[w.shape for w in weights]}"
-                                 f", the client half has {shapes}")
-            del self._started[client_id]
-            self.history[-1].trained.append(client_id)
-            if self.mode == "round_robin":
-                self.weights = weights
-                self._advance_turn()
-            else:
-                self._reports[client_id] = (weights, samples)
-                self._maybe_average()
-            self._lock.notify_all()
-            return self.round
+            # A late report is refused by the policy itself (and changes nothing);
+            # the turn it belonged to is dropped by the next `turn` call's expiry.
+            return self._apply(self.policy.report, client_id, round_, weights, samples,
+                               self.clock())
 
-    # -- bookkeeping (under the lock) -----------------------------------------
+    def fail(self, client_id: str) -> None:
+        """`client_id`'s link failed during its turn: drop it now rather than
+        after `turn_timeout`. Raises `RoundError` if it is not training."""
+        with self._lock:
+            self._apply(self.policy.fail, client_id, self.clock())
 
-    def _may_start(self, client_id, ready_for) -> bool:
-        if self.round < ready_for or client_id in self._started:
-            return False
-        if len(self.members) < self.expected and self.round == 1 and not self.history[0].trained:
-            return False  # the first round starts when the clients have arrived
-        if self.mode == "round_robin":
-            return not self._started and self.members[self._turn] == client_id
-        record = self.history[-1]
-        return client_id not in self._reports and client_id not in record.dropped
+    # -- under the lock ------------------------------------------------------------
 
-    def _expire(self) -> None:
-        now = time.monotonic()
-        for client_id, since in list(self._started.items()):
-            if now - since > self.turn_timeout:
-                del self._started[client_id]
-                self._drop(client_id)
-        # A turn (or round) that a client never claims expires too: a client that
-        # is gone for good must not stall the others.
-        if self._opened is None or self.finished or now - self._opened <= self.turn_timeout:
-            return
-        if self.mode == "round_robin" and not self._started:
-            self._drop(self.members[self._turn])
-        elif self.mode == "splitfed":
-            record = self.history[-1]
-            for member in self.members:
-                if (member not in self._reports and member not in self._started
-                        and member not in record.dropped):
-                    self._drop(member)
-
-    def _drop(self, client_id) -> None:
-        self.history[-1].dropped.append(client_id)
-        if self.mode == "round_robin":
-            self._advance_turn()
-        else:
-            self._maybe_average(force=not self._started)
-        self._lock.notify_all()
-
-    def _next_round(self) -> None:
-        self.round += 1
-        if not self.finished:
-            self.history.append(RoundRecord(self.round))
-
-    def _advance_turn(self) -> None:
-        self._turn += 1
-        self._opened = time.monotonic()
-        if self._turn >= len(self.members):
-            self._turn = 0
-            self._next_round()
-
-    def _maybe_average(self, force: bool = False) -> None:
-        if self._started:
-            return  # someone is still training
-        record = self.history[-1]
-        pending = [m for m in self.members if m not in self._reports and m not in record.dropped]
-        if pending and not force:
-            return
-        if self._reports:
-            weights, counts = zip(*self._reports.values(), strict=True)
-            self.weights = fedavg(list(weights), list(counts))
-            if self.server is not None:  # SFLv1: the server copies too
-                self.server.average({c: n for c, (_, n) in self._reports.items()})
-        self._reports = {}
-        self._opened = time.monotonic()
-        self._next_round()
+    def _apply(self, event, *arguments):
+        before = self.policy.changes
+        try:
+            return event(*arguments)
+        finally:
+            if self.policy.changes != before:
+                for ended in self.policy.take_round_ends():
+                    if self.server is not None and ended.counts:  # SFLv1: the server copies too
+                        self.server.average(ended.counts)
+                self._lock.notify_all()
