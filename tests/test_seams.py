@@ -162,3 +162,21 @@ def test_trace_is_bounded_in_memory_and_on_the_wire():
     request.trace = "y" * 65
     with pytest.raises(WireError, match="trace"):
         convert.request_from_pb(request, [spec], 8)
+
+
+def _step(batch, sample_weight=None):
+    message = Activations(1, "train", (np.ones((batch, 3), np.float32),),
+                          labels=np.zeros((batch, 1), np.float32), sample_weight=sample_weight)
+    return pb.StepRequest.FromString(convert.request_to_pb("s", message).SerializeToString())
+
+
+def test_the_wire_refuses_empty_batches_and_negative_sample_weights():
+    spec = keras_split.CutSpec("cut", (None, 3), "float32", 12)
+    # One honest message passes, so the refusals below are for their one defect.
+    assert convert.request_from_pb(_step(2, np.ones(2, np.float32)), [spec], 8).tensors
+    with pytest.raises(WireError, match=r"activations\[0\]: an empty batch"):
+        convert.request_from_pb(_step(0), [spec], 8)
+    with pytest.raises(WireError, match="sample_weight: expected non-negative.*minimum -1"):
+        convert.request_from_pb(_step(2, np.array([1.0, -1.0], np.float32)), [spec], 8)
+    with pytest.raises(WireError, match="sample_weight.*dtype bool"):
+        convert.request_from_pb(_step(2, np.array([True, False])), [spec], 8)

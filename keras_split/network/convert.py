@@ -74,6 +74,11 @@ def request_from_pb(request: pb.StepRequest, specs, max_batch_size: int,
         array = decode(tensor, f"activations[{i}]", limit, codec=codec)
         check_against_spec(array, spec, f"activations[{i}]", batch)
         batch = array.shape[0]
+        if batch == 0:
+            # An empty batch computes nothing useful and makes batch statistics
+            # (BatchNormalization's mean and variance) NaN for every later step.
+            raise WireError(f"activations[{i}]", "an empty batch (0 samples); send at least "
+                                                 "one sample")
         if batch > max_batch_size:
             raise WireError(f"activations[{i}]", f"batch size {batch} exceeds the server's "
                                                  f"limit of {max_batch_size}")
@@ -98,6 +103,11 @@ def request_from_pb(request: pb.StepRequest, specs, max_batch_size: int,
         sample_weight = decode(request.sample_weight[0], "sample_weight", limit)
         if sample_weight.shape[:1] != (batch,):
             raise WireError("sample_weight", f"shape {sample_weight.shape}, expected ({batch},)")
+        if sample_weight.dtype.kind not in "fiu" or np.any(sample_weight < 0):
+            # A negative weight turns the step into gradient ascent on the shared model.
+            lowest = sample_weight.min() if sample_weight.size else None
+            raise WireError("sample_weight", f"expected non-negative numbers, received dtype "
+                                             f"{sample_weight.dtype.name} with minimum {lowest}")
     return Activations(step=request.step, mode=cast(Mode, request.mode), tensors=tuple(tensors),
                        labels=labels, sample_weight=sample_weight,
                        reset_metrics=request.reset_metrics, trace=request.trace)
