@@ -20,7 +20,7 @@ from keras_split.configurations.policy import (
     fedavg_coefficients,
 )
 from keras_split.configurations.rounds import RoundCoordinator
-from keras_split.transport import Transport
+from tests.test_configurations import FailAt
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -38,7 +38,7 @@ def _equal(got, want):
 
 def _state(policy):
     # Every attribute, arrays included, byte for byte: a refused report must
-    # leave all of it as it was.
+    # leave all of it as it was (serialized to compare only; nothing is unpickled).
     return pickle.dumps(vars(policy))
 
 
@@ -323,24 +323,6 @@ def test_the_coordinator_decides_as_its_policy(mode):
     assert any(isinstance(d, tuple) and d[0] is True for d in decisions)
     assert sum(isinstance(d, tuple) and d[0] == "refused" for d in decisions) >= 2
     assert any(r.dropped for r in policy.history) and any(r.trained for r in policy.history)
-
-
-class FailAt(Transport):
-    """A client's link that fails at one of its steps, once (a killed process)."""
-
-    def __init__(self, inner, at):
-        super().__init__()
-        self.inner, self.at, self.calls = inner, at, 0
-        self.bytes = inner.bytes
-
-    def exchange(self, message):
-        self.calls += 1
-        if self.calls == self.at:
-            raise ConnectionError("client process killed")
-        return self.inner.exchange(message)
-
-    def _exchange(self, message):  # pragma: no cover
-        raise NotImplementedError
 
 
 @pytest.fixture
