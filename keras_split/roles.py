@@ -6,6 +6,12 @@ metrics and its own optimizer. Each party's work is compiled with
 `tf.function`. Per-step state travels as values: `ClientRole.forward` returns
 a `ClientStep` that `ClientRole.backward` consumes, so any number of steps may
 be in flight at once (many clients, pipelining).
+
+A server step is a transaction: it applies completely or changes nothing. The
+message is checked before any op (`check_message`); the step computes its loss
+and gradients, and applies them only when they are finite. A refused step
+leaves every variable as it was: weights, BatchNormalization statistics, seed
+states, the optimizer (its iteration count included) and the metrics.
 """
 
 from __future__ import annotations
@@ -22,6 +28,17 @@ import tensorflow as tf
 from keras_split import checkpoint
 from keras_split.messages import Activations, Reply
 from keras_split.partition import CutSpec
+
+# The magnitude policy for what a peer sends (see `ServerRole`). Trained
+# networks keep cut activations far below 1e9 (typically under 1e3; even the
+# suite's deliberately diverging run, on inputs scaled by 1e6, sends about
+# 2e6). A value of at most 1e9 times a sample weight of at most 1e6 is 1e15,
+# whose square (1e30) still fits in float32 (3.4e38): BatchNormalization's
+# variance, a Dense kernel's gradient and Adam's second moment stay finite.
+# Beyond these, one finite message can turn every weight into NaN at the next
+# step (activations of 3e38, or a sample weight of 1e38, do).
+MAX_ACTIVATION = 1e9
+MAX_SAMPLE_WEIGHT = 1e6
 
 
 def copy_optimizer(optimizer) -> keras.optimizers.Optimizer:
@@ -130,12 +147,22 @@ class ClientRole:
         """One compiled training step; `send(activations) -> Reply` runs at the cut.
 
         Returns the server's reply and the client's regularization loss.
+
+        When the client's own activations are not finite (its half diverged),
+        nothing is sent (a server refuses them) and nothing is updated; the
+        step reports a NaN loss, as `keras.Model.fit` would, so that
+        `keras.callbacks.TerminateOnNaN` stops the run. The reply's step is
+        then -1: no server answered it.
         """
         key = next(self._keys)
         outcome: dict = {}
 
         def deliver(activations):
             try:
+                if not all(_finite(a) for a in activations):
+                    outcome["diverged"] = True
+                    raise FloatingPointError("The client's activations at the cut are not "
+                                             "finite: its half of the model diverged.")
                 reply = send(activations)
                 outcome["reply"] = reply
                 return check_gradients(reply.gradients, activations)
@@ -148,6 +175,8 @@ class ClientRole:
         try:
             regularization = self._step(tf.constant(key, tf.int64), x)
         except tf.errors.OpError:
+            if outcome.get("diverged"):
+                return Reply(step=-1, logs={"loss": float("nan")}), float("nan")
             if "error" in outcome:
                 raise outcome["error"] from None
             raise
@@ -182,11 +211,16 @@ class ClientRole:
         """
         return self._forward_infer(x)
 
-    def backward(self, step: ClientStep, gradients) -> tuple | None:
+    def backward(self, step: ClientStep, gradients, finite: bool = False) -> tuple | None:
         """Finish backpropagation from the cut gradients and update the weights.
 
         Returns the gradients with respect to the inputs when the forward pass
         was run with `input_gradients=True`, else None.
+
+        With `finite=True` the update is a transaction (what a middle party of
+        a chain does): when the cut gradients received, or the gradients
+        computed from them, are not finite, it raises `ValueError` before the
+        optimizer runs, and the weights and the optimizer are unchanged.
         """
         if step.used:
             raise RuntimeError(
@@ -194,17 +228,27 @@ class ClientRole:
                 "for a new step."
             )
         gradients = check_gradients(gradients, [np.asarray(a) for a in step.activations])
+        if finite:
+            for i, gradient in enumerate(gradients):
+                if not _finite(gradient):
+                    raise ValueError(
+                        f"Refused the step: the gradient received for cut tensor {i} contains "
+                        "NaN or Inf; expected finite values. Nothing was updated.")
         step.used = True
         seeds = [tf.convert_to_tensor(g) for g in gradients]
         if step.inputs is None:
-            self._apply(
-                self._variable_gradients(step.tape, step.activations, step.regularization, seeds)
-            )
+            grads = self._variable_gradients(step.tape, step.activations, step.regularization,
+                                             seeds)
+            if finite:
+                _refuse_unless_representable(grads, "its weight gradients")
+            self._apply(grads)
             return None
         variables = self.model.trainable_variables
         grads = step.tape.gradient(
             list(step.activations) + [step.regularization], list(variables) + step.inputs,
             output_gradients=seeds + [tf.ones(())])
+        if finite:
+            _refuse_unless_representable(grads, "its weight and input gradients")
         self._apply(grads[: len(variables)])
         return tuple(np.zeros(i.shape, i.dtype.as_numpy_dtype) if g is None else np.asarray(g)
                      for g, i in zip(grads[len(variables):], step.inputs, strict=True))
@@ -213,8 +257,8 @@ class ClientRole:
 def check_gradients(gradients, activations) -> list[np.ndarray]:
     """Gradients from the server must match the activations sent, one for one.
 
-    Non-finite values are let through on purpose: a diverging loss is a
-    training outcome the server reports, and `TerminateOnNaN` stops on it.
+    Non-finite values are let through here (a `ServerRole` never sends them:
+    it refuses such a step); `ClientRole.backward(..., finite=True)` refuses them.
     """
     if len(gradients) != len(activations):
         raise ValueError(
@@ -233,17 +277,274 @@ def check_gradients(gradients, activations) -> list[np.ndarray]:
     return checked
 
 
-class ServerRole:
-    """Runs the server half: loss, metrics, its update and the cut gradients."""
+# -- checks on a received message ---------------------------------------------
 
-    def __init__(self, model: keras.Model, optimizer, loss, metrics=None, loss_weights=None):
+
+def _is_float(dtype) -> bool:
+    # ml_dtypes' bfloat16 and float8 types have numpy kind "V".
+    return dtype.kind == "f" or dtype.name == "bfloat16" or dtype.name.startswith("float8")
+
+
+def _numbers(value, where: str, kinds: str = "biuf") -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype.kind not in kinds and not _is_float(array.dtype):
+        raise ValueError(f"`{where}` must hold numbers; received dtype {array.dtype.name}.")
+    return array
+
+
+def _finite(value) -> bool:
+    array = np.asarray(value)
+    return not _is_float(array.dtype) or bool(np.isfinite(array).all())
+
+
+def _extremes(array: np.ndarray) -> tuple[float, float]:
+    """The smallest and largest value (NaN if any value is NaN), in one pass each."""
+    if array.size == 0:
+        return 0.0, 0.0
+    return float(np.min(array)), float(np.max(array))
+
+
+def _leaves(structure, name: str):
+    """(field name, array) for each array of a nested structure of labels or weights."""
+    if structure is None:
+        return
+    if isinstance(structure, dict):
+        for key, value in structure.items():
+            yield from _leaves(value, f"{name}[{key!r}]")
+    elif isinstance(structure, (list, tuple)):
+        for index, value in enumerate(structure):
+            yield from _leaves(value, f"{name}[{index}]")
+    else:
+        yield name, structure
+
+
+def check_message(message: Activations, max_activation: float = MAX_ACTIVATION,
+                  max_sample_weight: float = MAX_SAMPLE_WEIGHT) -> int:
+    """Refuse a message no step may run on, before any op sees it.
+
+    A server role calls this first; over the network the server's decoding
+    makes some of the same checks on the wire, and this is the role's own.
+
+    Args:
+        message: the received `Activations`.
+        max_activation: the largest magnitude a cut value may have.
+        max_sample_weight: the largest sample weight accepted.
+
+    Returns:
+        The batch size.
+
+    Raises:
+        ValueError: naming the field, what it holds and what was expected, for
+            no cut tensors, an empty batch, tensors, labels or sample weights
+            of different lengths, non-numeric values, NaN or Inf, activations
+            beyond `max_activation`, or sample weights that are negative or
+            above `max_sample_weight`.
+    """
+    if not message.tensors:
+        raise ValueError("A message needs at least one cut tensor in `tensors`; received none.")
+    batch = -1
+    for i, tensor in enumerate(message.tensors):
+        where = f"activations[{i}]"
+        array = _numbers(tensor, where)
+        if array.ndim == 0:
+            raise ValueError(f"`{where}` must have a batch axis first; received a scalar.")
+        if i == 0:
+            batch = array.shape[0]
+        elif array.shape[0] != batch:
+            raise ValueError(f"`{where}` has {array.shape[0]} samples, but `activations[0]` has "
+                             f"{batch}: every cut tensor must hold the same batch.")
+        if batch == 0:
+            # An empty batch computes nothing useful and makes batch statistics
+            # (BatchNormalization's mean and variance) NaN for every later step.
+            raise ValueError(f"`{where}` is an empty batch (shape {array.shape}); expected at "
+                             "least one sample.")
+        low, high = _extremes(array)
+        if not (np.isfinite(low) and np.isfinite(high)):
+            raise ValueError(f"`{where}` contains NaN or Inf; expected finite values (a client "
+                             "sends these when its half diverged: lower its learning rate).")
+        if max(-low, high) > max_activation:
+            raise ValueError(
+                f"`{where}` holds a value of magnitude {max(-low, high):.3g}, above the "
+                f"server's limit of {max_activation:g} (`max_activation`). Normalise the "
+                "inputs, or raise `max_activation` if the model really produces such values.")
+    for where, leaf in _leaves(message.labels, "labels"):
+        array = _numbers(leaf, where)
+        if array.ndim == 0 or array.shape[0] != batch:
+            raise ValueError(f"`{where}` has shape {array.shape}; expected {batch} samples "
+                             "first, one label per sample of the activations.")
+        if not _finite(array):
+            raise ValueError(f"`{where}` contains NaN or Inf; expected finite values.")
+    for where, leaf in _leaves(message.sample_weight, "sample_weight"):
+        array = _numbers(leaf, where, kinds="iuf")
+        if array.ndim == 0 or array.shape[0] != batch:
+            raise ValueError(f"`{where}` has shape {array.shape}; expected {batch} samples "
+                             "first, one weight per sample of the activations.")
+        low, high = _extremes(array)
+        if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > max_sample_weight:
+            # A negative weight turns the step into gradient ascent on the
+            # shared model; a huge one overflows the optimizer's state.
+            raise ValueError(
+                f"`{where}` must hold finite numbers in [0, {max_sample_weight:g}] "
+                f"(`max_sample_weight`); received values from {low:g} to {high:g}.")
+    return batch
+
+
+def _sparse_categorical(loss) -> tuple[bool, object]:
+    """Whether `loss` takes class indices as labels, and its `ignore_class`."""
+    if isinstance(loss, str):
+        try:
+            loss = keras.losses.get(loss)
+        except ValueError:
+            return False, None
+    if getattr(loss, "fn", loss) is not keras.losses.sparse_categorical_crossentropy:
+        return False, None
+    config = loss.get_config() if isinstance(loss, keras.losses.Loss) else {}
+    if config.get("axis", -1) != -1:
+        return False, None  # classes on another axis: the loss itself checks them
+    return True, config.get("ignore_class")
+
+
+def _class_rules(model: keras.Model, loss) -> dict[str, tuple]:
+    """By output name: (output shape, sparse categorical loss?, ignore_class)."""
+    try:
+        names, outputs = list(model.output_names), list(model.outputs)
+    except (AttributeError, ValueError):
+        return {}  # a model without a known output structure: the loss checks labels
+    if isinstance(loss, dict):
+        losses = [loss.get(name) for name in names]
+    elif isinstance(loss, (list, tuple)) and len(loss) == len(names):
+        losses = list(loss)
+    else:
+        losses = [loss] * len(names)
+    return {name: (tuple(output.shape), *_sparse_categorical(item))
+            for name, output, item in zip(names, outputs, losses, strict=True)}
+
+
+def _labels_by_output(labels, names: list[str]):
+    """(field, labels, output name) for the labels Keras gives each output."""
+    if isinstance(labels, dict):
+        return [(f"labels[{k!r}]", v, k) for k, v in labels.items() if k in names]
+    if isinstance(labels, (list, tuple)):
+        if len(labels) != len(names):
+            return []
+        return [(f"labels[{i}]", v, n) for i, (v, n) in enumerate(zip(labels, names,
+                                                                        strict=True))]
+    return [("labels", labels, names[0])] if len(names) == 1 else []
+
+
+def _indexes_classes(label_shape: tuple, output_shape: tuple) -> bool:
+    """Labels of this shape hold one class index per prediction vector of the output."""
+    inner = output_shape[1:-1]
+    for expected in (inner, inner + (1,)):
+        if len(label_shape) - 1 == len(expected) and all(
+                want is None or got == want
+                for got, want in zip(label_shape[1:], expected, strict=True)):
+            return True
+    return False
+
+
+def _representable(tensors) -> tf.Tensor:
+    """True when every floating tensor is finite and the sum of its squares fits
+    its float type: optimizers (Adam, RMSprop, clipping by norm) square
+    gradients, and one overflowing square corrupts their state for good."""
+    ok = tf.constant(True)
+    for tensor in tensors:
+        if tensor is None:
+            continue
+        if isinstance(tensor, tf.IndexedSlices):
+            tensor = tensor.values
+        if not tensor.dtype.is_floating:
+            continue
+        if tensor.dtype in (tf.float16, tf.bfloat16):
+            tensor = tf.cast(tensor, tf.float32)
+        ok = tf.logical_and(ok, tf.math.is_finite(tf.reduce_sum(tf.square(tensor))))
+    return ok
+
+
+def _all_finite(values) -> tf.Tensor:
+    """True when every floating value (a tensor or a variable) is finite."""
+    ok = tf.constant(True)
+    for value in values:
+        if value.dtype in ("float16", "bfloat16", "float32", "float64"):
+            ok = tf.logical_and(ok, tf.reduce_all(tf.math.is_finite(value)))
+    return ok
+
+
+def _refuse_unless_representable(gradients, what: str) -> None:
+    if not bool(_representable(gradients)):
+        raise ValueError(
+            f"Refused the step: {what} are not finite, or so large that their squares "
+            "overflow (as optimizers such as Adam compute them). Nothing was updated.")
+
+
+_NOTHING_CHANGED = ("Nothing was updated: the weights, BatchNormalization statistics, seed "
+                    "states, optimizer and metrics are as before.")
+
+
+class ServerRole:
+    """Runs the server half: loss, metrics, its update and the cut gradients.
+
+    Every step is a transaction: it applies completely or changes nothing, so
+    that no hostile or broken peer can corrupt the server's model.
+
+    1. Before any op, `handle` refuses a message that `check_message` refuses
+       (an empty batch, lengths that disagree, non-numeric or non-finite
+       values, activations beyond `max_activation`, negative or too large
+       sample weights), and labels outside the classes of an output: for a
+       sparse categorical loss, or integer labels with one index per
+       prediction vector, each label must lie in `[0, units)` (its
+       `ignore_class` excepted).
+    2. The step computes the loss and the gradients, and applies them only if
+       the loss is finite, the gradients (at the cut included) are finite
+       with squares that fit their float type, and the state its forward pass
+       wrote (moving statistics) is finite.
+    3. A refused step raises `ValueError` and leaves every variable as it was:
+       weights, BatchNormalization statistics, seed states, the optimizer (its
+       iteration count included) and the metrics. `reset_metrics` takes
+       effect with an accepted message only.
+
+    The forward pass moves non-trainable state (moving statistics, seeds)
+    before the loss is known, so each step keeps the values of the
+    non-trainable and metric variables (references, not copies: TensorFlow
+    copies a variable's buffer only when it is written while still shared) and
+    puts them back if the step is refused. Trainable weights and the optimizer
+    are written only once the step is accepted.
+
+    Args:
+        model: the server half (its inputs are the cut).
+        optimizer, loss, metrics, loss_weights: as in `keras.Model.compile`.
+        max_activation: the largest magnitude a cut activation may have; a
+            message with a larger value is refused. The default, 1e9, is far
+            above what trained networks produce (typically under 1e3) and low
+            enough that squares of activations times sample weights stay
+            finite in float32 (see `MAX_ACTIVATION`).
+        max_sample_weight: the largest sample weight accepted (default 1e6).
+
+    Example:
+
+    ```python
+    role = ServerRole(split.server, "adam", loss, metrics=["accuracy"],
+                      max_activation=1e4)
+    reply = role.handle(message)  # raises ValueError, changing nothing, if refused
+    ```
+    """
+
+    def __init__(self, model: keras.Model, optimizer, loss, metrics=None, loss_weights=None,
+                 *, max_activation: float = MAX_ACTIVATION,
+                 max_sample_weight: float = MAX_SAMPLE_WEIGHT):
+        if not max_activation > 0 or not max_sample_weight > 0:
+            raise ValueError(f"`max_activation` and `max_sample_weight` must be positive; "
+                             f"received {max_activation!r} and {max_sample_weight!r}.")
         self.model = model
+        self.max_activation = max_activation
+        self.max_sample_weight = max_sample_weight
         model.compile(
             optimizer=copy_optimizer(optimizer),
             loss=loss,
             metrics=metrics,
             loss_weights=loss_weights,
         )
+        self._classes = _class_rules(model, loss)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self._train = tf.function(self._train_fn, reduce_retracing=True)
         self._evaluate = tf.function(self._evaluate_fn, reduce_retracing=True)
@@ -251,6 +552,8 @@ class ServerRole:
             lambda a: model(list(a) if len(a) > 1 else a[0], training=False),
             reduce_retracing=True,
         )
+        self._keep = tf.function(self._keep_fn)
+        self._kept: list = []  # the variables a refused step puts back (set by _build)
         self._built = False
         self._pending_metrics = None
 
@@ -272,22 +575,50 @@ class ServerRole:
         variables = self.model.trainable_variables
         grads = tape.gradient(loss, activations + list(variables))
         cut_grads, var_grads = grads[: len(activations)], grads[len(activations) :]
-        self.model.optimizer.apply(var_grads, variables)
-        self.loss_tracker.update_state(loss, sample_weight=tf.shape(activations[0])[0])
-        return cut_grads, self._logs(labels, y_pred, sample_weight)
+        loss_ok, grads_ok = tf.math.is_finite(loss), _representable(grads)
+        # What the forward pass wrote (BatchNormalization's moving variance
+        # overflows on huge activations while the normalised loss stays finite).
+        state_ok = _all_finite(self.model.non_trainable_variables)
+
+        def accept():
+            self.model.optimizer.apply(var_grads, variables)
+            self.loss_tracker.update_state(loss, sample_weight=tf.shape(activations[0])[0])
+            return self._logs(labels, y_pred, sample_weight)
+
+        # The update runs only for an accepted step; a refused one leaves the
+        # weights and the optimizer untouched (handle() puts the rest back).
+        logs = tf.cond(loss_ok & grads_ok & state_ok, accept, self._results)
+        return loss_ok, grads_ok, state_ok, loss, cut_grads, logs
 
     def _evaluate_fn(self, activations, labels, sample_weight):
         y_pred = self.model(self._inputs(list(activations)), training=False)
         loss = self.model.compute_loss(
             x=None, y=labels, y_pred=y_pred, sample_weight=sample_weight, training=False
         )
-        self.loss_tracker.update_state(loss, sample_weight=tf.shape(activations[0])[0])
-        return self._logs(labels, y_pred, sample_weight)
+        loss_ok = tf.math.is_finite(loss)
+
+        def accept():
+            self.loss_tracker.update_state(loss, sample_weight=tf.shape(activations[0])[0])
+            return self._logs(labels, y_pred, sample_weight)
+
+        return loss_ok, loss, tf.cond(loss_ok, accept, self._results)
 
     def _logs(self, labels, y_pred, sample_weight):
         logs = self.model.compute_metrics(None, labels, y_pred, sample_weight=sample_weight)
         logs = {k: v for k, v in logs.items() if k != "loss"}
         return {"loss": self.loss_tracker.result(), **logs}
+
+    def _results(self):
+        """The logs as they stand, with no update (a refused step's branch)."""
+        logs = {k: v for k, v in self.model.get_metrics_result().items() if k != "loss"}
+        return {"loss": self.loss_tracker.result(), **logs}
+
+    def _keep_fn(self):
+        return [tf.identity(v) for v in self._kept]
+
+    def _put_back(self, kept) -> None:
+        for variable, value in zip(self._kept, kept, strict=True):
+            variable.assign(value)
 
     def _build(self, message: Activations) -> None:
         # Keras creates metric and optimizer variables lazily; a tf.function
@@ -301,6 +632,8 @@ class ServerRole:
             self.model.compute_metrics(None, message.labels, y_pred, message.sample_weight)
         self.model.optimizer.build(self.model.trainable_variables)
         self.reset_metrics()
+        kept = list(self.model.non_trainable_variables) + self._metric_variables()
+        self._kept = list({id(v): v for v in kept}.values())
         self._built = True
         if self._pending_metrics is not None:
             checkpoint.assign("metrics", self._metric_variables(), *self._pending_metrics)
@@ -310,6 +643,23 @@ class ServerRole:
         return list(self.loss_tracker.variables) + [
             v for metric in self.model.metrics for v in metric.variables
         ]
+
+    def _check_classes(self, labels) -> None:
+        for where, leaf, name in _labels_by_output(labels, list(self._classes)):
+            shape, sparse, ignore = self._classes[name]
+            units = shape[-1] if shape else None
+            array = np.asarray(leaf)
+            if units is None or not (sparse or (
+                    units > 1 and array.dtype.kind in "iu" and _indexes_classes(array.shape,
+                                                                                shape))):
+                continue
+            values = array if ignore is None else array[array != ignore]
+            low, high = _extremes(values)
+            if low < 0 or high >= units:
+                ignoring = "" if ignore is None else f", or {ignore} (`ignore_class`)"
+                raise ValueError(
+                    f"`{where}` must hold class indices in [0, {units}){ignoring} for output "
+                    f"{name!r} ({units} units); received values from {low:g} to {high:g}.")
 
     def state(self) -> dict[str, np.ndarray]:
         """Values of every variable this party owns: weights, seeds, optimizer and
@@ -334,12 +684,15 @@ class ServerRole:
         self.model.reset_metrics()
 
     def handle(self, message: Activations) -> Reply:
-        """Process one message from a client and return the reply."""
-        if not self._built and message.mode != "predict":
-            self._build(message)
-        if message.reset_metrics:
-            self.reset_metrics()
+        """Process one message from a client and return the reply.
+
+        Raises `ValueError`, with nothing changed, when the message or its step
+        is refused (see the class docstring).
+        """
+        check_message(message, self.max_activation, self.max_sample_weight)
         if message.mode == "predict":
+            if message.reset_metrics:
+                self.reset_metrics()
             outputs = self._predict(message.tensors)
             return Reply(step=message.step, outputs=keras.tree.map_structure(np.asarray, outputs))
         if message.labels is None:
@@ -347,15 +700,45 @@ class ServerRole:
                 f"A {message.mode!r} message needs labels: the server computes the loss. "
                 "Pass `y` to fit()/evaluate()."
             )
-        if message.mode == "train":
-            grads, logs = self._train(message.tensors, message.labels, message.sample_weight)
-            return Reply(
-                step=message.step,
-                gradients=tuple(np.asarray(g) for g in grads),
-                logs={k: float(v) for k, v in logs.items()},
-            )
-        logs = self._evaluate(message.tensors, message.labels, message.sample_weight)
-        return Reply(step=message.step, logs={k: float(v) for k, v in logs.items()})
+        self._check_classes(message.labels)
+        if not self._built:
+            self._build(message)
+        kept = self._keep()
+        try:
+            if message.reset_metrics:
+                self.reset_metrics()
+            if message.mode == "train":
+                loss_ok, grads_ok, state_ok, loss, grads, logs = self._train(
+                    message.tensors, message.labels, message.sample_weight)
+            else:
+                loss_ok, loss, logs = self._evaluate(
+                    message.tensors, message.labels, message.sample_weight)
+                grads_ok, state_ok, grads = True, True, ()
+            if not bool(loss_ok):
+                raise ValueError(
+                    f"Refused the step: its loss is not finite ({float(loss)}); expected a "
+                    f"finite loss. {_NOTHING_CHANGED} Check the labels and sample weights; if "
+                    "training diverged, lower the learning rate.")
+            if not bool(grads_ok):
+                raise ValueError(
+                    "Refused the step: its gradients are not finite, or so large that their "
+                    "squares overflow (as optimizers such as Adam compute them). "
+                    f"{_NOTHING_CHANGED}")
+            if not bool(state_ok):
+                raise ValueError(
+                    "Refused the step: its forward pass made non-trainable state (such as "
+                    "BatchNormalization's moving variance) non-finite. "
+                    f"{_NOTHING_CHANGED} Lower `max_activation`.")
+        except BaseException:
+            # The forward pass (and a reset) may have moved non-trainable and
+            # metric state; the weights and the optimizer were not written.
+            self._put_back(kept)
+            raise
+        return Reply(
+            step=message.step,
+            gradients=tuple(np.asarray(g) for g in grads),
+            logs={k: float(v) for k, v in logs.items()},
+        )
 
 
 # -- what a server asks of a role ------------------------------------------------

@@ -28,12 +28,15 @@ import threading
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from keras_split import trainer
 from keras_split.messages import Activations, Reply
 from keras_split.partition import build_halves
-from keras_split.roles import ClientRole, ServerRole
+from keras_split.roles import MAX_ACTIVATION, ClientRole, ServerRole, check_message
 from keras_split.transport import InProcessTransport, Transport
+
+_FLOATS = ("float16", "bfloat16", "float32", "float64")
 
 
 def _values(tensors) -> tuple[np.ndarray, ...]:
@@ -47,18 +50,29 @@ def _inputs(tensors):
 class RelayRole:
     """A middle party of a chain: its segment between two cuts.
 
+    Each step is a transaction, as a `ServerRole`'s: the message is checked
+    before any op (`check_message`), and when the step fails downstream, the
+    gradient that comes back (or the one computed from it) is not finite, or
+    its forward pass made its moving statistics non-finite, it raises and
+    leaves its weights, optimizer, non-trainable state (BatchNormalization
+    statistics, seeds) and running loss as they were.
+
     Args:
         model: the segment (its inputs are the upstream cut, its outputs the
             downstream cut).
         optimizer: this party's optimizer.
         next: the `Transport` to the party downstream.
+        max_activation: the largest magnitude an activation received may have
+            (see `ServerRole`).
     """
 
-    def __init__(self, model: keras.Model, optimizer, next: Transport):
+    def __init__(self, model: keras.Model, optimizer, next: Transport, *,
+                 max_activation: float = MAX_ACTIVATION):
         self.model = model
         self.client = ClientRole(model, optimizer)
         self.client.build()
         self.next = next
+        self.max_activation = max_activation
         self._step = 0  # its own numbering downstream: it may serve several upstreams
         self._regularization = trainer.ClientLoss()
 
@@ -72,12 +86,26 @@ class RelayRole:
                                                       tensors=_values(tensors)))
 
     def handle(self, message: Activations) -> Reply:
-        if message.reset_metrics:
-            self._regularization = trainer.ClientLoss()
+        check_message(message, self.max_activation)
         if message.mode == "train":
-            context = self.client.forward(_inputs(message.tensors), input_gradients=True)
-            reply = self._send(message, context.activations)
-            gradients = self.client.backward(context, reply.gradients)
+            # The forward pass moves BatchNormalization statistics and seeds
+            # before the step is known to succeed: keep their values (no copy)
+            # to put back if it fails.
+            variables = self.model.non_trainable_variables
+            kept = [tf.identity(v) for v in variables]
+            try:
+                context = self.client.forward(_inputs(message.tensors), input_gradients=True)
+                if not all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in variables
+                           if v.dtype in _FLOATS):
+                    raise ValueError(
+                        "Refused the step: its forward pass made non-trainable state (such as "
+                        "BatchNormalization's moving variance) non-finite. Nothing was updated.")
+                reply = self._send(message, context.activations)
+                gradients = self.client.backward(context, reply.gradients, finite=True)
+            except BaseException:
+                for variable, value in zip(variables, kept, strict=True):
+                    variable.assign(value)
+                raise
             regularization = float(context.regularization)
             return Reply(step=message.step, gradients=gradients,
                          logs=self._with_regularization(reply.logs, regularization, message))
@@ -89,6 +117,9 @@ class RelayRole:
     def _with_regularization(self, logs, value, message):
         # Each party adds its own layers' regularization to the reported loss
         # (a running mean, like the server's), as keras.Model.fit reports it.
+        # Called once the step succeeded: a failed message resets nothing.
+        if message.reset_metrics:
+            self._regularization = trainer.ClientLoss()
         if message.mode == "predict":
             return logs
         self._regularization.add(value, message.tensors)

@@ -122,6 +122,11 @@ class GatherRole:
     each party with its own slice of the cut gradients. A party that does not
     show up within `timeout` seconds fails the step for all (ABORTED).
 
+    A step is a transaction, as the `ServerRole`'s: sample IDs that are not
+    rows of the label table, a party sending other than its share of the cut,
+    or anything its `ServerRole` refuses fails the step for every party and
+    changes nothing.
+
     Args:
         role: the `ServerRole` of the server half (inputs in party order).
         parties: the client ids of the parties, in the order of the server
@@ -155,7 +160,17 @@ class GatherRole:
         return specs[self.starts[slot]: self.starts[slot] + self.shares[slot]]
 
     def _lookup(self, ids):
-        index = np.asarray(ids).astype(np.int64).reshape(-1)
+        # The IDs come from the parties: refuse anything but row numbers of the
+        # label table (a negative ID would silently pick a row from the end).
+        ids = np.asarray(ids).reshape(-1)
+        rows = len(keras.tree.flatten(self.labels)[0])
+        if ids.dtype.kind not in "iuf" or not np.all(np.isfinite(ids)) or (
+                ids.size and (ids.min() < 0 or ids.max() >= rows
+                              or not np.array_equal(ids, np.floor(ids)))):
+            shown = ids[:8].tolist() if ids.dtype.kind in "biuf" else ids.dtype.name
+            raise ValueError(f"The sample IDs (sent in `labels`) must be integers in [0, {rows}), "
+                             f"the rows of the server's labels; received {shown}.")
+        index = ids.astype(np.int64)
         return keras.tree.map_structure(lambda table: np.asarray(table)[index], self.labels)
 
     def handle_from(self, client_id, message):
@@ -188,6 +203,10 @@ class GatherRole:
         messages = [arrived[i] for i in range(len(self.parties))]
         first = messages[0]
         try:
+            for party, message, share in zip(self.parties, messages, self.shares, strict=True):
+                if len(message.tensors) != share:
+                    raise ValueError(f"Party {party!r} sent {len(message.tensors)} cut tensors; "
+                                     f"expected its share of {share}.")
             ids = [None if m.labels is None else np.asarray(m.labels).reshape(-1)
                    for m in messages]
             if first.mode != "predict":
