@@ -675,9 +675,16 @@ class ServerRole:
         self.model.optimizer.build(self.model.trainable_variables)
         checkpoint.assign("model", self.model.variables, arrays, path)
         checkpoint.assign("optimizer", self.model.optimizer.variables, arrays, path)
-        # Metric variables exist once the first labelled batch has built them.
+        # Metric variables exist once the first labelled batch has built them:
+        # assigned now if they exist, else when they are built. A checkpoint
+        # taken before they were built holds none: they start from zero.
         if any(k.startswith("metrics/") for k in arrays):
-            self._pending_metrics = (arrays, path)
+            if self._built:
+                checkpoint.assign("metrics", self._metric_variables(), arrays, path)
+            else:
+                self._pending_metrics = (arrays, path)
+        elif self._built:
+            self.reset_metrics()
 
     def reset_metrics(self) -> None:
         self.loss_tracker.reset_state()

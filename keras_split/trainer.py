@@ -118,6 +118,8 @@ def fit(owner, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callba
     # What a resumed fit must agree on with the fit that wrote the checkpoint.
     fingerprint = {"steps": batches.steps, "batch_size": batch_size, "epochs": epochs,
                    "shuffle": bool(shuffle), "initial_epoch": initial_epoch}
+    if owner._already_finished(fingerprint):
+        return owner.history
     first_epoch, skip = initial_epoch, 0
     position = owner._resume_position(fingerprint)
     if position is not None:
@@ -163,7 +165,7 @@ def fit(owner, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callba
         if owner.stop_training:
             break
     callback_list.on_train_end(logs)
-    owner._after_fit(finished=not owner._interrupted)
+    owner._after_fit(not owner._interrupted, fingerprint)
     return owner.history
 
 
@@ -289,8 +291,13 @@ class LoopOwner:
     def _after_train_step(self, position: dict) -> None:
         """Called once a training step is fully applied; `position` is the next batch."""
 
-    def _after_fit(self, finished: bool) -> None:
+    def _after_fit(self, finished: bool, fingerprint: dict) -> None:
         """Called when `fit` returns; `finished` is False after `interrupt()`."""
+
+    def _already_finished(self, fingerprint: dict) -> bool:
+        """Whether a fit with these arguments already ran to its end and must not
+        train again (a rerun command line); `fit` then returns at once."""
+        return False
 
     def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None,
             validation_split=0.0, validation_data=None, shuffle=True, initial_epoch=0,

@@ -237,7 +237,8 @@ def raw(server_pair, ca):
     """A running server, its weights, and an authenticated raw stub per client."""
     model, cut = models.small_cnn()
     split = keras_split.split(model, cut)
-    server = _serve(split, server_pair)
+    # The fuzz tests open a session per example; the per-client cap has its own test.
+    server = _serve(split, server_pair, max_sessions_per_client=10_000)
     credentials = grpc.ssl_channel_credentials(root_certificates=ca.pem)
     channel = grpc.secure_channel(f"127.0.0.1:{server.port}", credentials)
     stub = pb_grpc.SplitLearningStub(channel)

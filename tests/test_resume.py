@@ -23,7 +23,7 @@ from keras_split import checkpoint
 from keras_split.apps import netdemo
 from keras_split.datasets import load_pneumoniamnist_balanced
 from keras_split.network.devcerts import write_dev_certificates
-from keras_split.network.server import _Session
+from keras_split.network.sessions import Session as _Session
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 TOKEN = "resume-token"
@@ -173,7 +173,10 @@ def test_server_killed_mid_epoch_resumes_without_losing_or_repeating_a_step(setu
     assert "checkpoint written" in output
 
     header, arrays = checkpoint.read(checkpoints / "server.ckpt")
-    (session,) = header["sessions"].values()
+    # One small record per session beside the model checkpoint, which also
+    # carries the line of the session stepped last.
+    ((session, _),) = checkpoint.SessionStore(checkpoints / "sessions").load_all().values()
+    assert header["last_session"]["last_step"] == session["last_step"]
     # Step numbers count validation steps too: the last training step is the
     # last of epoch 2, after one validation pass.
     assert session["last_train_step"] == steps + validation
@@ -227,6 +230,14 @@ def test_client_stopped_mid_epoch_resumes_from_its_checkpoint(setup, stop):
                                 timeout=120)
         assert second.returncode == 0, second.stdout + second.stderr
         assert "test: " in second.stdout
+        assert "resuming from" in second.stdout and "epoch 2" in second.stdout
+        # The same command once more: it says so, and trains nothing.
+        done_at = _client_step(checkpoints / "client.ckpt")
+        third = subprocess.run(command, capture_output=True, text=True, env=_environment(),
+                               timeout=120)
+        assert third.returncode == 0, third.stdout + third.stderr
+        assert "nothing to do" in third.stdout
+        assert _client_step(checkpoints / "client.ckpt") == done_at
     finally:
         server.stop()
     header, arrays = checkpoint.read(checkpoints / "client.ckpt")

@@ -122,6 +122,11 @@ def train_client(model_path, server, token, epochs, batch_size, learning_rate, p
         print_fn(f"test: {', '.join(f'{k} {v:.4f}' for k, v in logs.items())} "
                  "(this client's last turn)")
         return logs
+    if client.resume_position is not None:
+        where = client.resume_position
+        print_fn(f"resuming from {client.checkpoint_path}: epoch {where['epoch'] + 1}, "
+                 f"batch {where['batch'] + 1}")
+    client.repeat_finished_fit = False
     handle_sigterm = threading.current_thread() is threading.main_thread()
     if handle_sigterm:
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: client.interrupt())
@@ -131,6 +136,11 @@ def train_client(model_path, server, token, epochs, batch_size, learning_rate, p
     finally:
         if handle_sigterm:
             signal.signal(signal.SIGTERM, previous)
+    if client.skipped_finished_fit:
+        print_fn(f"nothing to do: {client.checkpoint_path} holds this training, finished "
+                 f"({epochs} epoch(s)); delete the folder (or use a new --checkpoint-dir) to "
+                 "train again")
+        return None
     if client.interrupted:
         print_fn(f"interrupted; run the same command to resume from {client.checkpoint_path}")
         return None

@@ -54,6 +54,11 @@ class SplitClient(trainer.LoopOwner):
             Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
             self.checkpoint_path = Path(checkpoint_dir) / "client.ckpt"
         self._position = None
+        self._finished = None  # the fingerprint of the last fit that ran to its end
+        # False: a fit identical to one this checkpoint saw finish returns at once
+        # (a command run again must not silently train more epochs).
+        self.repeat_finished_fit = True
+        self.skipped_finished_fit = False
 
     @property
     def layers(self):
@@ -101,6 +106,7 @@ class SplitClient(trainer.LoopOwner):
                 "checkpoint directory.")
         role.restore(arrays, path)
         self._position = header.get("position")
+        self._finished = header.get("finished")
         return header
 
     def _save(self) -> None:
@@ -108,7 +114,8 @@ class SplitClient(trainer.LoopOwner):
             return
         header = {"party": "client", "cut": checkpoint.cut_of(self.cut_specs),
                   "step": self._step, "session_id": self.transport.session_id,
-                  "codec": self.transport.codec.spec, "position": self._position}
+                  "codec": self.transport.codec.spec, "position": self._position,
+                  "finished": self._finished}
         checkpoint.write(self.checkpoint_path, header, self.client_role.state(),
                          durable=self._durable)
 
@@ -131,10 +138,28 @@ class SplitClient(trainer.LoopOwner):
         self._position = position
         self._save()
 
-    def _after_fit(self, finished):
+    @property
+    def resume_position(self) -> dict | None:
+        """Where the next `fit` resumes (`{"epoch", "batch"}`, 0-based epoch and the
+        next batch), as restored from the checkpoint; None for a fresh start."""
+        if self._position is None:
+            return None
+        return {"epoch": self._position["epoch"], "batch": self._position["batch"]}
+
+    def _after_fit(self, finished, fingerprint):
         if finished:
             self._position = None
+            self._finished = fingerprint
         self._save()
+
+    def _already_finished(self, fingerprint):
+        self.skipped_finished_fit = (not self.repeat_finished_fit
+                                     and self._position is None
+                                     and self._finished == fingerprint)
+        if self.skipped_finished_fit:
+            logger.info("This client's checkpoint (%s) holds a fit with %s that ran to its "
+                        "end; not training again.", self.checkpoint_path, fingerprint)
+        return self.skipped_finished_fit
 
     def get_weights(self):
         return self.client.get_weights()

@@ -6,9 +6,9 @@ Protocol, per client:
    dtype and shape of each tensor it will send). The server checks both against
    its own half and opens a session that belongs to that client.
 2. For each step the client calls `Step` with the session id, a step number and
-   the cut tensors (and labels). The server authenticates the caller before any
-   handler runs, checks the session is the caller's, decodes and validates every
-   tensor against the cut spec, and only then runs its `ServerRole`.
+   the cut tensors (and labels). The server identifies the caller before it
+   reads the request body, checks the session is the caller's, decodes and
+   validates every tensor against the cut spec, and only then runs its role.
 3. Step numbers make retries safe: a step equal to the last applied one gets
    the cached reply (the optimizer moves exactly once); an older or skipped one
    is refused with FAILED_PRECONDITION.
@@ -16,39 +16,73 @@ Protocol, per client:
 TLS is on unless `insecure=True`. Clients authenticate with a bearer token
 (`authorization: Bearer <token>` metadata); with `client_ca`, the server also
 requires a client certificate signed by that CA (mutual TLS).
+
+What no peer can do (see the README's security section):
+
+- **Hold the server before authenticating.** The server runs on asyncio: a call
+  waiting for its request body holds no thread. Every method is read as a
+  stream, so credentials are checked from the metadata and a refused caller's
+  body is never read or parsed. A call must deliver its message within
+  `first_message_timeout` seconds; each client may have `max_calls_per_client`
+  calls in flight and the whole server `max_concurrent_rpcs`; beyond that
+  calls are refused with RESOURCE_EXHAUSTED. Waiting for a turn in rounds is an
+  asyncio wait, not a thread. Only the model's own work runs on the
+  `max_workers` threads.
+- **Grow the server without bound.** Sessions are capped per client and
+  expire when idle (`sessions.SessionTable`).
+- **Leave a half-applied step.** A role refuses before any change or changes
+  nothing (`keras_split.roles.ServerRole`); a step whose checkpoint cannot be
+  written is rolled back to the checkpoint and refused with UNAVAILABLE, so the
+  client retries it.
+- **Learn about the server from an error.** Every refusal is a specific status
+  with a message that names the field; an unexpected error is INTERNAL with an
+  incident number, and its traceback goes to the server's log only.
+
+Every event is logged on the `keras_split.server` logger, one line each
+(`event=... key=value ...`); tokens are never logged.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
-import hmac
+import itertools
 import logging
-import secrets
 import threading
-from concurrent import futures
-from dataclasses import dataclass, field
+from collections import Counter
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 import numpy as np
 import tensorflow as tf
+from google.protobuf.message import DecodeError
 
 from keras_split import checkpoint
 from keras_split.network import convert as wire
+from keras_split.network.auth import Credentials
+from keras_split.network.sessions import Session, SessionLimit, SessionTable
 from keras_split.partition import CutSpec, spec_of
 from keras_split.roles import GatheringRole, MessageHandler, PartyHandler, ServerRole
-from keras_split_wire import codecs, rpc
+from keras_split_wire import SERVICE, codecs, rpc
 from keras_split_wire.proto import split_pb2 as pb
-from keras_split_wire.proto import split_pb2_grpc as pb_grpc
 
-logger = logging.getLogger("keras_split.network.server")
+logger = logging.getLogger("keras_split.server")
 
-def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
-    """Refuse the call with `code` (`context.abort` raises; this says so to readers
-    and type checkers)."""
-    context.abort(code, details)
-    raise AssertionError("grpc's context.abort returned")  # pragma: no cover
+_incidents = itertools.count(1)
+
+
+class Refusal(Exception):
+    """A call the server refuses: a status code and a message for the peer."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+def _refuse(code: grpc.StatusCode, details: str) -> NoReturn:
+    raise Refusal(code, details)
 
 
 def message_limit(specs, max_batch_size: int) -> int:
@@ -56,223 +90,24 @@ def message_limit(specs, max_batch_size: int) -> int:
     return rpc.message_limit([s.bytes_per_sample for s in specs], max_batch_size)
 
 
-class _TokenInterceptor(grpc.ServerInterceptor):
-    """Refuses calls without a known bearer token before any handler work.
-
-    With mutual TLS, the handshake has already refused clients without a
-    certificate from the client CA, so a call may come without a token; a token
-    that is presented must still be a known one.
-    """
-
-    def __init__(self, tokens: dict[str, str], certificates_suffice: bool):
-        self._tokens = tokens
-        self._certificates_suffice = certificates_suffice
-
-    def presented(self, metadata) -> str | None:
-        for key, value in metadata or ():
-            if key == "authorization":
-                return value
-        return None
-
-    def identify(self, metadata) -> str | None:
-        value = self.presented(metadata)
-        if value is not None and value.startswith("Bearer "):
-            presented = value[len("Bearer "):].encode()
-            for token, client_id in self._tokens.items():
-                if hmac.compare_digest(presented, token.encode()):
-                    return client_id
-        return None
-
-    def intercept_service(self, continuation, handler_call_details):
-        metadata = handler_call_details.invocation_metadata
-        allowed = (self.identify(metadata) is not None
-                   or (self._certificates_suffice and self.presented(metadata) is None))
-        if not allowed:
-            def refuse(request, context):
-                _abort(context, grpc.StatusCode.UNAUTHENTICATED,
-                              "missing or unknown bearer token")
-            return grpc.unary_unary_rpc_method_handler(refuse)
-        return continuation(handler_call_details)
+def _short(session_id: str) -> str:
+    return session_id[:8]
 
 
-@dataclass
-class _Session:
-    client_id: str
-    codec: codecs.Codec = codecs.NONE
-    last_step: int = 0
-    last_train_step: int = 0  # the last step that changed weights
-    cached: pb.StepReply | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def header(self) -> dict:
-        return {"client_id": self.client_id, "codec": self.codec.spec,
-                "last_step": self.last_step, "last_train_step": self.last_train_step}
-
-    def resume_at(self, client_step: int) -> str | None:
-        """Line this session up with a client that restarted from its checkpoint.
-
-        The client checkpoints after applying each training step. It may be
-        one training step behind (it crashed before saving the reply's
-        result): it resends that step and gets the cached reply. Steps after
-        its checkpoint that changed no weights (evaluation, prediction) are
-        simply forgotten. Anything else cannot be reconciled; returns why.
-        """
-        if self.last_train_step <= client_step <= self.last_step:
-            if client_step != self.last_step:
-                self.last_step, self.cached = client_step, None
-            return None
-        if client_step + 1 == self.last_train_step == self.last_step and self.cached:
-            return None
-        return (f"the server applied training step {self.last_train_step} (last step "
-                f"{self.last_step}) but the client's checkpoint is at step {client_step}; "
-                "the two checkpoints do not belong together")
-
-
-class _Servicer(pb_grpc.SplitLearningServicer):
-    def __init__(self, server: SplitServer):
-        self.server = server
-
-    def Open(self, request, context):  # noqa: N802 - gRPC method name
-        client_id = self.server._client_id(context)
-        if request.protocol_version != wire.PROTOCOL_VERSION:
-            _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
-                          f"protocol version {request.protocol_version} is not supported; "
-                          f"the server speaks version {wire.PROTOCOL_VERSION}")
-        try:
-            codec = codecs.get(request.codec or None)
-            accepted = codec.name in self.server.codecs
-        except ValueError:
-            accepted = False
-        if not accepted:
-            _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
-                          f"compression {request.codec!r} is not accepted; this server accepts "
-                          f"{sorted(self.server.codecs)}")
-        mine = [(s.dtype, s.shape) for s in self.server._specs_for(client_id)]
-        theirs = [wire.spec_from_pb(s) for s in request.cut]
-        if mine != theirs:
-            _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
-                          f"cut mismatch: the client sends {theirs}, the server's half takes "
-                          f"{mine}")
-        if request.resume_session:
-            return self._resume(request, codec, client_id, context)
-        session_id = secrets.token_hex(16)
-        with self.server._lock:
-            self.server._sessions[session_id] = _Session(client_id=client_id, codec=codec)
-        return pb.OpenReply(session_id=session_id, protocol_version=wire.PROTOCOL_VERSION,
-                            last_step=0, max_batch_size=self.server.max_batch_size)
-
-    def _resume(self, request, codec, client_id, context):
-        with self.server._lock:
-            session = self.server._sessions.get(request.resume_session)
-        if session is None:
-            _abort(context, grpc.StatusCode.NOT_FOUND,
-                          "no such session to resume (was the server restarted without its "
-                          "checkpoint directory?)")
-        if session.client_id != client_id:
-            _abort(context, grpc.StatusCode.PERMISSION_DENIED,
-                          "this session belongs to another client")
-        if session.codec != codec:
-            _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
-                          f"the session was opened with compression {session.codec.spec!r}, "
-                          f"not {codec.spec!r}")
-        with session.lock, self.server._model_lock:
-            problem = session.resume_at(request.client_step)
-            if problem:
-                _abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"cannot resume: {problem}")
-            self.server._save()
-        return pb.OpenReply(session_id=request.resume_session,
-                            protocol_version=wire.PROTOCOL_VERSION,
-                            last_step=session.last_step,
-                            max_batch_size=self.server.max_batch_size)
-
-    def _session_of(self, request, context) -> tuple[str, _Session]:
-        """The caller's client id and its session; anyone else's is refused."""
-        client_id = self.server._client_id(context)
-        with self.server._lock:
-            session = self.server._sessions.get(request.session_id)
-        if session is None:
-            _abort(context, grpc.StatusCode.NOT_FOUND, "unknown session; call Open first")
-        if session.client_id != client_id:
-            _abort(context, grpc.StatusCode.PERMISSION_DENIED,
-                          "this session belongs to another client")
-        return client_id, session
-
-    def Step(self, request, context):  # noqa: N802 - gRPC method name
-        client_id, session = self._session_of(request, context)
-        with session.lock:
-            if request.step == session.last_step and session.cached is not None:
-                return session.cached  # a retransmission: answer again, apply nothing
-            if request.step != session.last_step + 1:
-                _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
-                              f"step {request.step} is stale or out of order; expected "
-                              f"{session.last_step + 1}")
-            try:
-                message = wire.request_from_pb(request, self.server._specs_for(client_id),
-                                               self.server.max_batch_size, session.codec)
-            except wire.WireError as error:
-                _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
-            role = self.server.role
-            with contextlib.ExitStack() as held:
-                if isinstance(role, PartyHandler):
-                    # A role that answers by party locks for itself: holding the
-                    # model lock while it waits for the other parties of a step
-                    # would stop them from reaching it.
-                    reply = self._handle(context, role.handle_from, client_id, message)
-                    held.enter_context(self.server._model_lock)
-                else:
-                    held.enter_context(self.server._model_lock)
-                    reply = self._handle(context, role.handle, message)
-                encoded = wire.reply_to_pb(reply, session.codec)
-                session.last_step, session.cached = request.step, encoded
-                if message.mode == "train":
-                    session.last_train_step = request.step
-                # Saved before the reply leaves: a client that got a reply can
-                # always find its step applied after a crash.
-                self.server._save()
-            return encoded
-
-    def _coordinator_of(self, request, context):
-        client_id, _ = self._session_of(request, context)
-        coordinator = self.server.coordinator
-        if coordinator is None:
-            _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
-                          "this server runs no rounds (it has no coordinator)")
-        return client_id, coordinator
-
-    def Turn(self, request, context):  # noqa: N802 - gRPC method name
-        client_id, coordinator = self._coordinator_of(request, context)
-        go, round_, weights, finished = coordinator.turn(client_id, request.round)
-        return pb.TurnReply(go=go, round=round_, finished=finished,
-                            weights=[wire.encode(w) for w in weights])
-
-    def Report(self, request, context):  # noqa: N802 - gRPC method name
-        client_id, coordinator = self._coordinator_of(request, context)
-        limit = sum(int(np.prod(w.shape)) for w in coordinator.weights)
-        try:
-            weights = [wire.decode(t, f"weights[{i}]", limit)
-                       for i, t in enumerate(request.weights)]
-            return pb.ReportReply(round=coordinator.report(client_id, request.round, weights,
-                                                           request.samples))
-        except wire.WireError as error:
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        except ValueError as error:
-            _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(error))
-
-    @staticmethod
-    def _handle(context, function, *arguments):
-        try:
-            return function(*arguments)
-        except (ValueError, tf.errors.InvalidArgumentError) as error:
-            # Data the checks above cannot judge (a label outside the classes,
-            # say) fails in the loss, before any update.
-            text = getattr(error, "message", None) or str(error)
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, text.splitlines()[0])
-        except TimeoutError as error:
-            _abort(context, grpc.StatusCode.ABORTED, str(error))
-        except (ConnectionError, RuntimeError) as error:
-            # A middle party's link downstream failed (or the party downstream
-            # refused): say so upstream, instead of an opaque UNKNOWN.
-            _abort(context, grpc.StatusCode.ABORTED, f"the party downstream failed: {error}")
+def _role_failure(error: BaseException) -> Refusal | None:
+    """The status for an error a role raised while handling a valid message."""
+    if isinstance(error, (ValueError, tf.errors.InvalidArgumentError)):
+        # Data the checks before the role cannot judge (a label outside the
+        # classes, say): the role refuses it before any update.
+        text = getattr(error, "message", None) or str(error)
+        return Refusal(grpc.StatusCode.INVALID_ARGUMENT, text.splitlines()[0])
+    if isinstance(error, TimeoutError):
+        return Refusal(grpc.StatusCode.ABORTED, str(error))
+    if isinstance(error, (ConnectionError, RuntimeError)):
+        # A middle party's link downstream failed (or the party downstream
+        # refused): say so upstream, instead of an opaque UNKNOWN.
+        return Refusal(grpc.StatusCode.ABORTED, f"the party downstream failed: {error}")
+    return None
 
 
 class SplitServer:
@@ -290,19 +125,31 @@ class SplitServer:
         client_ca: PEM of the CA that signs client certificates (mutual TLS).
         insecure: serve without TLS (logs a warning). Only for loopback tests.
         role: what handles the validated messages, instead of a `ServerRole`
-            built from `loss`: a `RelayRole` makes this server a middle party of
-            a chain (multi-hop), a `JoinLabels` the client's own last segment of
-            a U-shaped chain. It needs `handle`, `state` and `restore`.
+            built from `loss`: any object with the methods of
+            `keras_split.roles.MessageHandler` or `PartyHandler` (a
+            `RelayRole` makes this server a middle party of a chain, a
+            `JoinLabels` the client's own last segment of a U-shaped chain).
         max_batch_size: the largest batch a client may send; sets the message limit.
-        checkpoint_dir: a folder for `server.ckpt`, rewritten after every step
-            (before its reply is sent) and on `stop()`: weights, optimizer and
-            metric state, and every session with its last step and reply. A
+        max_workers: threads for the model's work (steps, checkpoints). Calls
+            waiting for their message or their turn use none.
+        max_concurrent_rpcs: calls the server holds at once; more are refused
+            with RESOURCE_EXHAUSTED.
+        max_calls_per_client: calls one client may have in flight at once.
+        max_sessions_per_client: open sessions one client may hold.
+        session_idle_timeout: seconds after which an unused session expires
+            (None: never).
+        first_message_timeout: seconds a call has, once admitted, to deliver
+            its request message.
+        checkpoint_dir: a folder (locked by this server while it runs) for
+            `server.ckpt`, rewritten after every step before its reply is sent,
+            and one small record per session: weights, optimizer and metric
+            state, round state, and each session's last step and reply. A
             server started on a folder that holds a checkpoint resumes from it,
             and its clients carry on where they were.
         durable_checkpoints: also flush each checkpoint to disk (survives power
             loss, not only a killed process; costs an fsync per step).
-        coordinator: a `keras_split.configurations.rounds.RoundCoordinator`, to run rounds of
-            many client processes (round-robin, SplitFed) through this server.
+        coordinator: a `keras_split.configurations.rounds.RoundCoordinator`, to
+            run rounds of many client processes (round-robin, SplitFed).
         allowed_compression: names of the codecs clients may choose (see
             `keras_split_wire.codecs`); all of them by default. "none" is always allowed.
 
@@ -322,6 +169,10 @@ class SplitServer:
                  certificate=None,
                  private_key=None, client_ca=None, insecure: bool = False,
                  max_batch_size: int = 1024, max_workers: int = 4,
+                 max_concurrent_rpcs: int = 256, max_calls_per_client: int = 4,
+                 max_sessions_per_client: int = 8,
+                 session_idle_timeout: float | None = 3600.0,
+                 first_message_timeout: float = 10.0,
                  allowed_compression=codecs.NAMES, checkpoint_dir=None,
                  durable_checkpoints: bool = False, coordinator=None):
         if not tokens and client_ca is None:
@@ -335,6 +186,15 @@ class SplitServer:
                 "TLS is on by default: pass `certificate` and `private_key` (PEM bytes or "
                 "paths), or insecure=True to serve in plaintext (loopback testing only)."
             )
+        for name, value in [("max_workers", max_workers),
+                            ("max_concurrent_rpcs", max_concurrent_rpcs),
+                            ("max_calls_per_client", max_calls_per_client),
+                            ("max_batch_size", max_batch_size)]:
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, received {value!r}.")
+        if first_message_timeout <= 0:
+            raise ValueError(f"`first_message_timeout` must be positive, received "
+                             f"{first_message_timeout!r}.")
         self.cut_specs: list[CutSpec] = [spec_of(t.name, t) for t in model.inputs]
         if role is None:
             if loss is None:
@@ -349,110 +209,493 @@ class SplitServer:
         self.role = role
         parties = len(role.parties) if isinstance(role, GatheringRole) else 0
         if parties and max_workers <= parties:
-            # Each party's call waits in a worker thread until all have arrived.
+            # Each party's step waits in a worker thread until all have arrived.
             max_workers = parties + 2
         self.max_batch_size = max_batch_size
+        self.insecure = insecure
+        self.max_calls_per_client = max_calls_per_client
+        self.first_message_timeout = first_message_timeout
         self.coordinator = coordinator
         unknown = set(allowed_compression) - set(codecs.NAMES)
         if unknown:
             raise ValueError(f"Unknown codecs in `allowed_compression`: {sorted(unknown)}; "
                              f"known: {list(codecs.NAMES)}.")
         self.codecs = frozenset(allowed_compression) | {"none"}
-        self._sessions: dict[str, _Session] = {}
-        self._lock = threading.Lock()
+        self.sessions = SessionTable(max_sessions_per_client, session_idle_timeout)
+        self._sessions = self.sessions  # the name tests and tools have used
+        self._credentials = Credentials(dict(tokens or {}), mutual_tls=client_ca is not None)
+        self._in_flight: Counter[str] = Counter()
         self._model_lock = threading.Lock()
-        self._interceptor = _TokenInterceptor(dict(tokens or {}),
-                                              certificates_suffice=client_ca is not None)
-        self._mutual_tls = client_ca is not None
-        self.checkpoint_path = None
+        self._workers = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max_workers, thread_name_prefix="keras-split-server")
+        self.checkpoint_path: Path | None = None
         self._durable = durable_checkpoints
+        self._store: checkpoint.SessionStore | None = None
+        self._folder_lock: checkpoint.FolderLock | None = None
+        self._last_stepped: tuple[str, Session] | None = None
         if checkpoint_dir is not None:
-            Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-            self.checkpoint_path = Path(checkpoint_dir) / "server.ckpt"
-            if self.checkpoint_path.exists():
-                self._restore()
-        limit = message_limit(self.cut_specs, max_batch_size)
-        self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=max_workers),
-            interceptors=[self._interceptor],
-            options=[("grpc.max_receive_message_length", limit),
-                     ("grpc.max_send_message_length", limit)],
-        )
-        pb_grpc.add_SplitLearningServicer_to_server(_Servicer(self), self._grpc)
-        if insecure:
-            logger.warning("Serving WITHOUT TLS on %s: traffic and tokens are readable by "
-                           "anyone on the network path.", address)
-            self.port = self._grpc.add_insecure_port(address)
-        else:
-            credentials = grpc.ssl_server_credentials(
-                [(private_key, certificate)],
-                root_certificates=rpc.read_pem(client_ca, "client CA"),
-                require_client_auth=client_ca is not None,
-            )
-            self.port = self._grpc.add_secure_port(address, credentials)
+            self._open_checkpoints(Path(checkpoint_dir))
+        self._limit = message_limit(self.cut_specs, max_batch_size)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="keras-split-server-loop")
+        self._thread.start()
+        self._server: Any = None
+        try:
+            self.port = self._call_soon(self._bind(address, insecure, certificate, private_key,
+                                                   rpc.read_pem(client_ca, "client CA"),
+                                                   max_concurrent_rpcs))
+        except BaseException:
+            self._shutdown_loop()
+            raise
         if self.port == 0:
+            self._shutdown_loop()
             raise OSError(f"Could not listen on {address!r}.")
         self.address = f"{address.rsplit(':', 1)[0]}:{self.port}"
+        if insecure:
+            logger.warning("Serving WITHOUT TLS on %s: traffic and tokens are readable by "
+                           "anyone on the network path.", self.address)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def _call_soon(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    async def _bind(self, address, insecure, certificate, private_key, client_ca,
+                    max_concurrent_rpcs) -> int:
+        self._server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", self._limit),
+                     ("grpc.max_send_message_length", self._limit),
+                     # Dead peers are found and their connections closed.
+                     ("grpc.keepalive_time_ms", 60_000),
+                     ("grpc.keepalive_timeout_ms", 20_000),
+                     ("grpc.http2.max_pings_without_data", 0),
+                     ("grpc.max_connection_idle_ms", 15 * 60_000)],
+            maximum_concurrent_rpcs=max_concurrent_rpcs)
+        methods = {name: grpc.stream_unary_rpc_method_handler(
+            handler, request_deserializer=None,
+            response_serializer=lambda message: message.SerializeToString())
+            for name, handler in [("Open", self._open), ("Step", self._step),
+                                  ("Turn", self._turn), ("Report", self._report)]}
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE, methods),))
+        if insecure:
+            return self._server.add_insecure_port(address)
+        credentials = grpc.ssl_server_credentials(
+            [(private_key, certificate)], root_certificates=client_ca,
+            require_client_auth=client_ca is not None)
+        return self._server.add_secure_port(address, credentials)
 
     def start(self) -> SplitServer:
-        self._grpc.start()
+        if self.checkpoint_path is not None:
+            with self._model_lock:
+                self._save()  # what a step whose checkpoint fails rolls back to
+        self._call_soon(self._server.start())
+        self._expiry = asyncio.run_coroutine_threadsafe(self._expire_sessions(), self._loop)
+        logger.info("event=server.started address=%s tls=%s mutual_tls=%s sessions=%d",
+                    self.address, not self.insecure, self._credentials.mutual_tls,
+                    len(self.sessions))
         return self
 
     def stop(self, grace: float | None = None) -> None:
-        """Stop serving; steps in flight get `grace` seconds to finish. Then,
-        with a checkpoint directory, write a final checkpoint."""
-        self._grpc.stop(grace).wait()
+        """Stop serving; calls in flight get `grace` seconds to finish. Then,
+        with a checkpoint directory, write a final checkpoint and unlock it."""
+        if not self._loop.is_running():
+            return
+        expiry = getattr(self, "_expiry", None)
+        if expiry is not None:
+            expiry.cancel()
+        self._call_soon(self._server.stop(grace))
+        self._workers.shutdown(wait=True)
         with self._model_lock:
             self._save()
+        self._shutdown_loop()
+        if self._folder_lock is not None:
+            self._folder_lock.release()
+        logger.info("event=server.stopped address=%s", self.address)
+
+    def _shutdown_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    def wait(self) -> None:
+        """Block until the server stops."""
+        self._thread.join()
+
+    async def _expire_sessions(self) -> None:
+        timeout = self.sessions.idle_timeout
+        if timeout is None:
+            return
+        while True:
+            await asyncio.sleep(min(60.0, max(timeout / 4, 0.05)))
+            for session_id in self.sessions.expire():
+                self._forget(session_id, "idle")
+
+    def _forget(self, session_id: str, why: str) -> None:
+        logger.info("event=session.expired session=%s reason=%s", _short(session_id), why)
+        if self._store is not None:
+            self._store.remove(session_id)
+
+    # -- every call --------------------------------------------------------------
+
+    async def _admit(self, method: str, requests, context, parse):
+        """Identify the caller from metadata (no body read yet), bound its calls in
+        flight, then read one request message within `first_message_timeout`."""
+        names = None
+        if self._credentials.mutual_tls:
+            names = (context.auth_context() or {}).get("x509_common_name")
+        client_id, why, denied = self._credentials.identify(context.invocation_metadata(),
+                                                           names)
+        if not client_id:
+            logger.info("event=call.refused method=%s peer=%s reason=%r", method,
+                        context.peer(), why)
+            code = grpc.StatusCode.PERMISSION_DENIED if denied else \
+                grpc.StatusCode.UNAUTHENTICATED
+            await context.abort(code, why)
+        if self._in_flight[client_id] >= self.max_calls_per_client:
+            logger.info("event=call.refused method=%s client=%s reason=calls_in_flight", method,
+                        client_id)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"client {client_id!r} already has {self._in_flight[client_id]} "
+                                f"calls in flight (max_calls_per_client="
+                                f"{self.max_calls_per_client}); wait for them to finish")
+        self._in_flight[client_id] += 1
+        try:
+            raw = await asyncio.wait_for(anext(aiter(requests)), self.first_message_timeout)
+        except StopAsyncIteration:
+            self._release(client_id)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no message")
+        except TimeoutError:
+            self._release(client_id)
+            logger.info("event=call.refused method=%s client=%s reason=no_message", method,
+                        client_id)
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"no request message within {self.first_message_timeout:g} s")
+        except BaseException:
+            self._release(client_id)
+            raise
+        try:
+            return client_id, parse(raw)
+        except DecodeError:
+            self._release(client_id)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the {method} request is not a valid protobuf message")
+
+    def _release(self, client_id: str) -> None:
+        self._in_flight[client_id] -= 1
+        if not self._in_flight[client_id]:
+            del self._in_flight[client_id]
+
+    async def _serve(self, method: str, requests, context, parse, handler):
+        client_id, request = await self._admit(method, requests, context, parse)
+        try:
+            return await handler(client_id, request)
+        except Refusal as refusal:
+            logger.info("event=call.refused method=%s client=%s code=%s reason=%r", method,
+                        client_id, refusal.code.name, refusal.details)
+            await context.abort(refusal.code, refusal.details)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception:
+            incident = next(_incidents)
+            logger.exception("event=call.failed method=%s client=%s incident=%d", method,
+                             client_id, incident)
+            await context.abort(grpc.StatusCode.INTERNAL,
+                                f"the server failed on this call (incident {incident}); its "
+                                "operator has the details in the server log")
+        finally:
+            self._release(client_id)
+
+    async def _in_worker(self, function, *arguments):
+        return await asyncio.get_running_loop().run_in_executor(self._workers, function,
+                                                                *arguments)
+
+    def _session_of(self, client_id: str, session_id: str) -> Session:
+        """The caller's session; anyone else's is refused."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            _refuse(grpc.StatusCode.NOT_FOUND, "unknown or expired session; call Open first")
+        if session.client_id != client_id:
+            _refuse(grpc.StatusCode.PERMISSION_DENIED, "this session belongs to another client")
+        return session
+
+    # -- Open --------------------------------------------------------------------
+
+    async def _open(self, requests, context):
+        return await self._serve("Open", requests, context, pb.OpenRequest.FromString,
+                                 self._open_session)
+
+    async def _open_session(self, client_id: str, request: pb.OpenRequest) -> pb.OpenReply:
+        if request.protocol_version != wire.PROTOCOL_VERSION:
+            _refuse(grpc.StatusCode.FAILED_PRECONDITION,
+                    f"protocol version {request.protocol_version} is not supported; "
+                    f"the server speaks version {wire.PROTOCOL_VERSION}")
+        try:
+            codec = codecs.get(request.codec or None)
+            accepted = codec.name in self.codecs
+        except ValueError:
+            accepted = False
+        if not accepted:
+            _refuse(grpc.StatusCode.FAILED_PRECONDITION,
+                    f"compression {request.codec[:64]!r} is not accepted; this server accepts "
+                    f"{sorted(self.codecs)}")
+        mine = [(s.dtype, s.shape) for s in self._specs_for(client_id)]
+        theirs = [wire.spec_from_pb(s) for s in request.cut[:64]]
+        if mine != theirs:
+            _refuse(grpc.StatusCode.FAILED_PRECONDITION,
+                    f"cut mismatch: the client sends {theirs}, the server's half takes {mine}")
+        if request.resume_session:
+            return await self._in_worker(self._resume, request, codec, client_id)
+        try:
+            session_id, session, expired = self.sessions.open(client_id, codec)
+        except SessionLimit as error:
+            _refuse(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        for gone in expired:
+            self._forget(gone, "idle")
+        logger.info("event=session.opened client=%s session=%s codec=%s", client_id,
+                    _short(session_id), codec.spec)
+        return pb.OpenReply(session_id=session_id, protocol_version=wire.PROTOCOL_VERSION,
+                            last_step=0, max_batch_size=self.max_batch_size)
+
+    def _resume(self, request, codec, client_id) -> pb.OpenReply:
+        session = self._session_of(client_id, request.resume_session)
+        if session.codec != codec:
+            _refuse(grpc.StatusCode.FAILED_PRECONDITION,
+                    f"the session was opened with compression {session.codec.spec!r}, "
+                    f"not {codec.spec!r}")
+        with session.lock, self._model_lock:
+            problem = session.resume_at(request.client_step)
+            if problem:
+                _refuse(grpc.StatusCode.FAILED_PRECONDITION, f"cannot resume: {problem}")
+            self._persist(request.resume_session, session)
+        logger.info("event=session.resumed client=%s session=%s step=%d", client_id,
+                    _short(request.resume_session), session.last_step)
+        return pb.OpenReply(session_id=request.resume_session,
+                            protocol_version=wire.PROTOCOL_VERSION,
+                            last_step=session.last_step, max_batch_size=self.max_batch_size)
+
+    # -- Step --------------------------------------------------------------------
+
+    async def _step(self, requests, context):
+        return await self._serve("Step", requests, context, pb.StepRequest.FromString,
+                                 self._run_step)
+
+    async def _run_step(self, client_id: str, request: pb.StepRequest) -> pb.StepReply:
+        session = self._session_of(client_id, request.session_id)
+        return await self._in_worker(self._apply_step, client_id, session, request)
+
+    def _apply_step(self, client_id: str, session: Session, request) -> pb.StepReply:
+        with session.lock:
+            if request.step == session.last_step and session.cached is not None:
+                return session.cached  # a retransmission: answer again, apply nothing
+            if request.step != session.last_step + 1:
+                _refuse(grpc.StatusCode.FAILED_PRECONDITION,
+                        f"step {request.step} is stale or out of order; expected "
+                        f"{session.last_step + 1}")
+            try:
+                message = wire.request_from_pb(request, self._specs_for(client_id),
+                                               self.max_batch_size, session.codec)
+            except wire.WireError as error:
+                _refuse(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            role = self.role
+            with contextlib.ExitStack() as held:
+                if isinstance(role, PartyHandler):
+                    # A role that answers by party locks for itself: holding the
+                    # model lock while it waits for the other parties of a step
+                    # would stop them from reaching it.
+                    reply = self._handle(role, client_id, message)
+                    held.enter_context(self._model_lock)
+                else:
+                    # The step and its checkpoint under one lock: no other step
+                    # may be saved between them (a crash would then keep this
+                    # step's update without its session line).
+                    held.enter_context(self._model_lock)
+                    reply = self._handle(role, client_id, message)
+                encoded = wire.reply_to_pb(reply, session.codec)
+                previous = (session.last_step, session.last_train_step, session.cached)
+                session.last_step, session.cached = request.step, encoded
+                if message.mode == "train":
+                    session.last_train_step = request.step
+                try:
+                    # Saved before the reply leaves: a client that got a reply can
+                    # always find its step applied after a crash.
+                    self._persist(request.session_id, session)
+                except OSError as error:
+                    session.last_step, session.last_train_step, session.cached = previous
+                    self._roll_back()
+                    logger.error("event=checkpoint.failed client=%s session=%s error=%r",
+                                 client_id, _short(request.session_id), str(error))
+                    _refuse(grpc.StatusCode.UNAVAILABLE,
+                            "the server could not save this step and undid it; retry")
+            if message.mode == "train" and message.reset_metrics:
+                logger.info("event=epoch.started client=%s session=%s step=%d", client_id,
+                            _short(request.session_id), request.step)
+            return encoded
+
+    def _handle(self, role, client_id: str, message):
+        try:
+            if isinstance(role, PartyHandler):
+                return role.handle_from(client_id, message)
+            return role.handle(message)
+        except Exception as error:
+            refusal = _role_failure(error)
+            if refusal is None:
+                raise
+            raise refusal from None
 
     def _specs_for(self, client_id) -> list[CutSpec]:
         """The cut tensors this client sends: all of them, unless the role
         assigns each party its own (vertically partitioned data)."""
         if isinstance(self.role, GatheringRole):
-            return list(self.role.specs_for(client_id, self.cut_specs))
+            try:
+                return list(self.role.specs_for(client_id, self.cut_specs))
+            except ValueError as error:
+                _refuse(grpc.StatusCode.PERMISSION_DENIED, str(error))
         return self.cut_specs
 
-    def _client_id(self, context) -> str:
-        """Who is calling: the token's client id, the certificate's common name, or
-        both when they agree."""
-        by_token = self._interceptor.identify(context.invocation_metadata())
-        if not self._mutual_tls:
-            if by_token is None:  # the interceptor lets no such call through
-                _abort(context, grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
-            return by_token
-        names = context.auth_context().get("x509_common_name") or [b""]
-        by_certificate = names[0].decode(errors="replace")
-        if by_token is not None and by_token != by_certificate:
-            _abort(context, grpc.StatusCode.PERMISSION_DENIED,
-                          f"the token belongs to {by_token!r} but the client certificate to "
-                          f"{by_certificate!r}")
-        return by_certificate
+    # -- rounds ------------------------------------------------------------------
+
+    def _coordinator(self):
+        if self.coordinator is None:
+            _refuse(grpc.StatusCode.FAILED_PRECONDITION,
+                    "this server runs no rounds (it has no coordinator)")
+        return self.coordinator
+
+    async def _turn(self, requests, context):
+        return await self._serve("Turn", requests, context, pb.TurnRequest.FromString,
+                                 self._wait_for_turn)
+
+    async def _wait_for_turn(self, client_id: str, request: pb.TurnRequest) -> pb.TurnReply:
+        self._session_of(client_id, request.session_id)
+        coordinator = self._coordinator()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + coordinator.poll
+        # An asyncio wait: a client waiting for its turn holds no thread.
+        while True:
+            go, round_, weights, finished = coordinator.turn(client_id, request.round, wait=0.0)
+            if go or finished or loop.time() >= deadline:
+                break
+            await asyncio.sleep(min(0.05, max(deadline - loop.time(), 0)))
+        if go:
+            logger.info("event=turn.started client=%s round=%d", client_id, round_)
+            await self._in_worker(self._save_locked)
+        return pb.TurnReply(go=go, round=round_, finished=finished,
+                            weights=[wire.encode(w) for w in weights])
+
+    async def _report(self, requests, context):
+        return await self._serve("Report", requests, context, pb.ReportRequest.FromString,
+                                 self._take_report)
+
+    async def _take_report(self, client_id: str, request: pb.ReportRequest) -> pb.ReportReply:
+        self._session_of(client_id, request.session_id)
+        coordinator = self._coordinator()
+        return await self._in_worker(self._record_report, client_id, coordinator, request)
+
+    def _record_report(self, client_id, coordinator, request) -> pb.ReportReply:
+        from keras_split_wire.tensors import element_count
+
+        limit = sum(element_count(w.shape) for w in coordinator.weights) or 1
+        try:
+            weights = [wire.decode(t, f"weights[{i}]", limit)
+                       for i, t in enumerate(request.weights[:len(coordinator.weights) + 1])]
+        except wire.WireError as error:
+            _refuse(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        before = coordinator.round
+        try:
+            round_ = coordinator.report(client_id, request.round, weights, request.samples)
+        except ValueError as error:  # RoundError: the report does not fit the round
+            _refuse(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        logger.info("event=report.accepted client=%s round=%d samples=%d", client_id,
+                    request.round, request.samples)
+        for record in coordinator.history:
+            if before <= record.round < coordinator.round:
+                logger.info("event=round.completed round=%d trained=%s dropped=%s",
+                            record.round, list(record.trained), list(record.dropped))
+        self._save_locked()
+        return pb.ReportReply(round=round_)
+
+    # -- checkpoints -------------------------------------------------------------
+
+    def _open_checkpoints(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = self._folder_lock = checkpoint.FolderLock(folder)
+        lock.acquire()
+        try:
+            self.checkpoint_path = folder / "server.ckpt"
+            self._store = checkpoint.SessionStore(folder / "sessions",
+                                                  durable=self._durable)
+            if self.checkpoint_path.exists():
+                self._restore()
+        except BaseException:
+            lock.release()
+            raise
+
+    def _persist(self, session_id: str, session: Session) -> None:
+        """After a step of `session` (under the model lock): the model checkpoint,
+        which also carries this session's line (so the two can never disagree),
+        then this session's own record. Other sessions' records are untouched:
+        the cost does not grow with idle sessions."""
+        if self.checkpoint_path is None:
+            return
+        self._last_stepped = (session_id, session)
+        self._save()
+        assert self._store is not None  # noqa: S101 - set with checkpoint_path
+        self._store.put(session_id, session.header(), self._blob(session))
+
+    @staticmethod
+    def _blob(session: Session) -> bytes:
+        return b"" if session.cached is None else session.cached.SerializeToString()
+
+    def _save_locked(self) -> None:
+        with self._model_lock:
+            self._save()
 
     def _save(self) -> None:
         if self.checkpoint_path is None:
             return
-        with self._lock:
-            sessions = dict(self._sessions)
-        replies = {f"reply/{sid}": np.frombuffer(s.cached.SerializeToString(), np.uint8)
-                   for sid, s in sessions.items() if s.cached is not None}
-        header = {"party": "server", "cut": checkpoint.cut_of(self.cut_specs),
-                  "sessions": {sid: s.header() for sid, s in sessions.items()}}
-        checkpoint.write(self.checkpoint_path, header, {**self.role.state(), **replies},
-                         durable=self._durable)
+        arrays = dict(self.role.state())
+        header: dict[str, Any] = {"party": "server", "cut": checkpoint.cut_of(self.cut_specs)}
+        if self._last_stepped is not None:
+            session_id, session = self._last_stepped
+            header["last_session"] = {"id": session_id, **session.header()}
+            arrays["last_session/reply"] = np.frombuffer(self._blob(session), np.uint8)
+        if self.coordinator is not None and hasattr(self.coordinator, "state"):
+            rounds_header, rounds_arrays = self.coordinator.state()
+            header["rounds"] = rounds_header
+            arrays.update({f"rounds/{k}": v for k, v in rounds_arrays.items()})
+        checkpoint.write(self.checkpoint_path, header, arrays, durable=self._durable)
+
+    def _roll_back(self) -> None:
+        """Undo a step whose checkpoint could not be written: back to the last one."""
+        _, arrays = checkpoint.read_for(self.checkpoint_path, "server", self.cut_specs)
+        self.role.restore(self._role_arrays(arrays), self.checkpoint_path)
+
+    @staticmethod
+    def _role_arrays(arrays):
+        return {k: v for k, v in arrays.items()
+                if not k.startswith(("last_session/", "rounds/"))}
 
     def _restore(self) -> None:
         path = self.checkpoint_path
         header, arrays = checkpoint.read_for(path, "server", self.cut_specs)
-        self.role.restore({k: v for k, v in arrays.items() if not k.startswith("reply/")}, path)
-        for sid, fields in header["sessions"].items():
-            session = _Session(client_id=fields["client_id"], codec=codecs.get(fields["codec"]),
-                               last_step=fields["last_step"],
-                               last_train_step=fields["last_train_step"])
-            if f"reply/{sid}" in arrays:
+        self.role.restore(self._role_arrays(arrays), path)
+        assert self._store is not None  # noqa: S101 - set before _restore
+        records = self._store.load_all()
+        last = header.get("last_session")
+        if last is not None:
+            # The model checkpoint is written first and atomically: its line for
+            # the last session stepped is the newest.
+            records[last["id"]] = (last, arrays["last_session/reply"].tobytes())
+        for session_id, (fields, blob) in records.items():
+            session = Session(client_id=fields["client_id"],
+                              codec=codecs.get(fields["codec"]),
+                              last_step=int(fields["last_step"]),
+                              last_train_step=int(fields["last_train_step"]))
+            if blob:
                 # Our own reply, serialized by this server: a protobuf, not a pickle.
-                session.cached = pb.StepReply.FromString(arrays[f"reply/{sid}"].tobytes())
-            self._sessions[sid] = session
-        logger.info("Resumed from %s: %d session(s).", path, len(self._sessions))
-
-    def wait(self) -> None:
-        self._grpc.wait_for_termination()
+                session.cached = pb.StepReply.FromString(blob)
+            self.sessions.restore(session_id, session)
+        if "rounds" in header and self.coordinator is not None:
+            self.coordinator.restore(header["rounds"], {
+                k[len("rounds/"):]: v for k, v in arrays.items() if k.startswith("rounds/")})
+        logger.info("event=checkpoint.restored path=%s sessions=%d", path, len(self.sessions))
