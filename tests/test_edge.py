@@ -4,6 +4,8 @@ against a real server with TensorFlow unimportable; an edge client taking
 turns with a TensorFlow client gives the all-TensorFlow result; and the device's
 link checks what it sends and receives as the TensorFlow client does."""
 
+import re
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +23,9 @@ from keras_split.datasets import load_pneumoniamnist_balanced
 from keras_split.export import export_client
 from keras_split.network.devcerts import write_dev_certificates
 from keras_split.roles import ClientRole
-from keras_split_edge import LinkError, ServerLink, load
+from keras_split_edge import EdgeClient, LinkError, ServerLink, load
+from keras_split_edge.__main__ import main as edge_main
+from keras_split_edge.runtime import saved_progress
 from keras_split_wire import codecs, device_names, rpc
 from keras_split_wire.proto import split_pb2 as pb
 from keras_split_wire.proto import split_pb2_grpc as pb_grpc
@@ -339,3 +343,251 @@ def test_link_reports_a_tls_failure_with_the_fix_and_does_not_retry(network, tmp
             assert time.monotonic() - start < 15
     finally:
         server.stop()
+
+
+# -- the device keeps training through refusals and resumes after a crash ----------
+
+
+def _edge_client(network, server, export, state_dir=None, **options):
+    return EdgeClient(export, f"127.0.0.1:{server.port}", state_dir=state_dir, token="edge",
+                      root_certificates=network["certs"]["ca"], **options)
+
+
+def _assert_weights_equal(got, want):
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_a_refused_batch_is_reported_and_skipped_and_the_session_goes_on(network, capsys):
+    export = _export(network, "tflite")
+    x, y = network["shards"][0]
+    bad = y.copy()
+    bad[70] = 7  # batch 3 of 4: the demo CNN has two classes
+    server, reference_server = _server(network), _server(network)
+    try:
+        device = _edge_client(network, server, export)
+        history = device.fit(x, bad, batch_size=32, epochs=1, shuffle=False)
+        # Reference: the same run on the data without that batch.
+        keep = np.r_[0:64, 96:128]
+        reference = _edge_client(network, reference_server, export)
+        want = reference.fit(x[keep], y[keep], batch_size=32, epochs=1, shuffle=False)
+        assert device.link.step == reference.link.step == 3
+        device.close()
+        reference.close()
+    finally:
+        server.stop()
+        reference_server.stop()
+    assert history["refused"] == [1] and want["refused"] == [0]
+    printed = capsys.readouterr().out
+    assert re.search(r"epoch 1/1, batch 3/4: skipped\. The server rejected the message: .*7",
+                     printed), printed
+    _assert_weights_equal(device.model.get_weights(), reference.model.get_weights())
+    _assert_weights_equal(server.role.model.get_weights(),
+                          reference_server.role.model.get_weights())
+
+
+class _Crash(Exception):
+    """The device dies (its process would be killed here)."""
+
+
+def _crash_at(client, step, after_reply):
+    """Make `client` die at its `step`-th exchange: before sending it, or after the
+    server applied it and before the device trained on and saved it."""
+    real, calls = client.link.exchange, []
+
+    def exchange(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step and not after_reply:
+            raise _Crash
+        result = real(*args, **kwargs)
+        if len(calls) == step:
+            raise _Crash
+        return result
+
+    client.link.exchange = exchange
+
+
+FIT = dict(batch_size=32, epochs=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(network):
+    """Device and server weights and history after FIT on shard 0, without a crash."""
+    export = _export(network, "tflite")
+    x, y = network["shards"][0]
+    server = _server(network)
+    try:
+        client = _edge_client(network, server, export)
+        history = client.fit(x, y, verbose=0, **FIT)
+        client.close()
+    finally:
+        server.stop()
+    return dict(device=client.model.get_weights(), server=server.role.model.get_weights(),
+                history=history)
+
+
+@pytest.mark.parametrize(("step", "after_reply"), [(6, False), (6, True), (4, True)],
+                         ids=["before-send", "after-reply", "after-reply-at-epoch-end"])
+def test_a_crashed_device_resumes_its_session_and_ends_as_if_uninterrupted(
+        network, uninterrupted, tmp_path, capsys, step, after_reply):
+    export = _export(network, "tflite")
+    x, y = network["shards"][0]
+    state = tmp_path / "device"
+    server = _server(network)
+    try:
+        first = _edge_client(network, server, export, state_dir=state)
+        _crash_at(first, step, after_reply)
+        with pytest.raises(_Crash):
+            first.fit(x, y, **FIT)
+        first.close()
+        device = _edge_client(network, server, export, state_dir=state)
+        assert device.link.session_id == first.link.session_id
+        with pytest.raises(ValueError, match=r"trained on other data \(saved: 128 samples, "
+                                             r"sha256 \w+; now: 127 samples"):
+            device.fit(x[:-1], y[:-1], **FIT)
+        with pytest.raises(ValueError, match=r"with other arguments .*'batch_size': 16"):
+            device.fit(x, y, **{**FIT, "batch_size": 16})
+        capsys.readouterr()
+        history = device.fit(x, y, **FIT)
+        device.close()
+    finally:
+        server.stop()
+    epoch, batch = divmod(step - 1, 4)
+    assert f"Resuming the fit at epoch {epoch + 1}/2, batch {batch + 1}/4 (session " \
+           f"{first.link.session_id[:8]}, step {step - 1}" in capsys.readouterr().out
+    assert device.link.step == 8
+    _assert_weights_equal(device.model.get_weights(), uninterrupted["device"])
+    _assert_weights_equal(server.role.model.get_weights(), uninterrupted["server"])
+    # The resent step was counted once, and the history spans the whole fit.
+    assert history["bytes_up"] == uninterrupted["history"]["bytes_up"]
+    np.testing.assert_allclose(history["loss"], uninterrupted["history"]["loss"], rtol=1e-5)
+
+
+def test_a_restart_after_a_crash_first_applies_the_step_the_server_took(network, tmp_path):
+    export = _export(network, "tflite")
+    x, y = network["shards"][0]
+    server, reference_server = _server(network), _server(network)
+    try:
+        first = _edge_client(network, server, export, state_dir=tmp_path / "device")
+        _crash_at(first, 3, after_reply=True)  # the server applied step 3, the device did not
+        with pytest.raises(_Crash):
+            first.fit(x, y, batch_size=32, seed=0, verbose=0)
+        first.close()
+        device = _edge_client(network, server, export, state_dir=tmp_path / "device")
+        device.fit(x, y, batch_size=32, seed=0, verbose=0, restart=True)
+        assert device.link.step == 3 + 4
+        device.close()
+        # Reference: the three batches the server took, then a whole new fit.
+        taken = np.random.default_rng(0).permutation(len(x))[:96]
+        reference = _edge_client(network, reference_server, export)
+        reference.fit(x[taken], y[taken], batch_size=32, shuffle=False, verbose=0)
+        reference.fit(x, y, batch_size=32, seed=0, verbose=0)
+        reference.close()
+    finally:
+        server.stop()
+        reference_server.stop()
+    _assert_weights_equal(device.model.get_weights(), reference.model.get_weights())
+    _assert_weights_equal(server.role.model.get_weights(),
+                          reference_server.role.model.get_weights())
+
+
+def test_rerunning_a_finished_fit_trains_nothing_more_unless_restarted(network, tmp_path,
+                                                                      capsys):
+    export = _export(network, "tflite")
+    x, y = network["shards"][0]
+    state = tmp_path / "device"
+    server = _server(network)
+    try:
+        first = _edge_client(network, server, export, state_dir=state)
+        history = first.fit(x, y, batch_size=64, epochs=1, seed=0)
+        first.close()
+        weights = server.role.model.get_weights()
+        again = _edge_client(network, server, export, state_dir=state)
+        capsys.readouterr()
+        assert again.fit(x, y, batch_size=64, epochs=1, seed=0) == history
+        assert "already finished (1 epoch(s), step 2); nothing to train" in \
+            capsys.readouterr().out
+        assert again.link.step == 2
+        _assert_weights_equal(again.model.get_weights(), first.model.get_weights())
+        _assert_weights_equal(server.role.model.get_weights(), weights)
+        again.fit(x, y, batch_size=64, epochs=1, seed=0, restart=True, verbose=0)
+        assert again.link.step == 4  # a new fit, in the same session
+        again.close()
+    finally:
+        server.stop()
+
+
+def _cli(network, server, capsys, *extra, token="edge", ca=None):
+    command = ["train", "--model", str(_export(network, "tflite")),
+               "--server", f"127.0.0.1:{server if isinstance(server, int) else server.port}",
+               "--token", token, "--ca", str(ca or network["certs"]["ca"]),
+               "--data", str(network["folder"] / "shard0.npz"), "--x-key", "x", "--y-key", "y",
+               "--batch-size", "32", "--retry-for", "1", *extra]
+    code = edge_main(command)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_resumes_with_one_line_and_reports_errors_in_one_line(network, tmp_path, capsys):
+    other = write_dev_certificates(tmp_path / "other")  # a CA that did not sign the server
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]  # nothing listens there
+    x, y = network["shards"][0]
+    state = tmp_path / "device"
+    server = _server(network)
+    try:
+        crashed = _edge_client(network, server, _export(network, "tflite"), state_dir=state)
+        _crash_at(crashed, 3, after_reply=True)
+        with pytest.raises(_Crash):
+            crashed.fit(x, y, batch_size=32, seed=0, verbose=0)
+        crashed.close()
+        # Resuming with other arguments is refused before anything is sent.
+        other_arguments = _cli(network, server, capsys, "--state-dir", str(state),
+                               "--epochs", "2")
+        code, out, err = _cli(network, server, capsys, "--state-dir", str(state))
+        assert code == 0, err
+        resumed = [line for line in out.splitlines() if "Resuming" in line]
+        assert resumed == [f"Resuming the fit at epoch 1/1, batch 3/4 (session "
+                           f"{crashed.link.session_id[:8]}, step 2, state in {state})."]
+        failures = {
+            "token": _cli(network, server, capsys, token="wrong"),
+            "unreachable": _cli(network, closed, capsys),
+            "tls": _cli(network, server, capsys, ca=other["ca"]),
+            "other arguments": other_arguments,
+        }
+        # A device state whose session the server never held (a server that
+        # lost its state, say).
+        lost = tmp_path / "lost"
+        load(_export(network, "tflite")).save(
+            lost, progress={**saved_progress(state), "session_id": "0" * 32, "step": 5})
+        failures["session"] = _cli(network, server, capsys, "--state-dir", str(lost))
+        failures["data"] = _cli(network, server, capsys, "--data", str(lost / "none.npz"))
+        # The same from a device's process: the exit status and one line, no traceback.
+        command = [sys.executable, str(HERE / "edge_blocked.py"), "train",
+                   "--model", str(_export(network, "tflite")),
+                   "--server", f"127.0.0.1:{server.port}", "--token", "wrong",
+                   "--ca", str(network["certs"]["ca"]),
+                   "--data", str(network["folder"] / "shard0.npz"), "--x-key", "x", "--y-key", "y"]
+        process = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    finally:
+        server.stop()
+    expected = {
+        "token": r"The server refused our credentials .*Check the token",
+        "unreachable": rf"Call to the split server at 127.0.0.1:{closed} failed: UNAVAILABLE",
+        "tls": r"TLS handshake with .* failed .*Check that --ca is the CA",
+        "other arguments": r"Cannot resume the fit saved in .* with other arguments",
+        "data": r"Cannot read the data file .*none\.npz: no such file\. Pass --data",
+        "session": r"Cannot resume session 0{32} at step 5, saved in .*: The server does not "
+                   r"know this session",
+    }
+    for name, (code, _, err) in failures.items():
+        assert code == 1, (name, err)
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, (name, err)
+        assert re.match(rf"error: {expected[name]}", err), (name, err)
+    # Only our line: the runtime's own C++ logging ("INFO: Created TensorFlow
+    # Lite XNNPACK delegate") is not ours to silence.
+    assert process.returncode == 1 and "Traceback" not in process.stderr, process.stderr
+    assert [line for line in process.stderr.splitlines() if "error" in line.lower()] == [
+        "error: The server refused our credentials (missing or unknown bearer token). Check "
+        "the token (and client certificate, with mutual TLS)."], process.stderr

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 
 from keras_split_edge.client import EdgeClient
 from keras_split_wire import device_names
+from keras_split_wire.rpc import ServerError
 
 
 def _read_data(path, x_key, y_key, input_shape):
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"Cannot read the data file {path}: no such file. Pass --data "
+                                "the .npz file that holds the device's data.")
     with np.load(path, allow_pickle=False) as data:
         missing = {x_key, y_key} - set(data.files)
         if missing:
@@ -59,26 +64,47 @@ def main(argv=None) -> int:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--no-shuffle", action="store_true")
     train.add_argument("--compression", default=None)
-    train.add_argument("--state-dir", help="keep weights and optimizer state here")
+    train.add_argument("--state-dir", help="keep weights, optimizer state and progress here; "
+                                           "a rerun resumes where the last run stopped")
+    train.add_argument("--restart", action="store_true",
+                       help="start a new fit from the saved state even if it finished")
+    train.add_argument("--timeout", type=float, default=30.0, help="deadline per call (s)")
+    train.add_argument("--retry-for", type=float, default=60.0,
+                       help="how long to retry an unreachable server (s)")
     train.add_argument("--weights-in", help=".npz of weights w000... to start from (hand-off)")
     train.add_argument("--weights-out", help="write the final weights here (.npz)")
     args = parser.parse_args(argv)
+    try:
+        return _train(args)
+    except (ServerError, ValueError, RuntimeError, OSError, ImportError) as error:
+        # One line that says what went wrong and how to fix it; a traceback
+        # would bury it (the messages are written for the user).
+        text = " ".join(str(error).split())
+        print(f"error: {text}", file=sys.stderr, flush=True)
+        return 1
+
+
+def _train(args) -> int:
     from keras_split_edge.runtime import load
 
     model = load(args.model)
+    x, y = _read_data(args.data, args.x_key, args.y_key, model.input_shapes[0])
     client = EdgeClient(model, args.server, state_dir=args.state_dir, token=args.token,
                         root_certificates=args.ca, certificate=args.cert, private_key=args.key,
-                        insecure=args.insecure, compression=args.compression, tls_hint="--ca")
-    if args.weights_in and client.restored:
-        print(f"note: {args.state_dir} holds the device's saved state; --weights-in is ignored")
-    elif args.weights_in:
-        model.set_weights(_read_weights(args.weights_in))
-    x, y = _read_data(args.data, args.x_key, args.y_key, model.input_shapes[0])
-    client.fit(x, y, batch_size=args.batch_size, epochs=args.epochs,
-               shuffle=not args.no_shuffle, seed=args.seed)
-    if args.weights_out:
-        _write_weights(args.weights_out, model.get_weights())
-    client.close()
+                        insecure=args.insecure, compression=args.compression, tls_hint="--ca",
+                        timeout=args.timeout, retry_for=args.retry_for)
+    try:
+        if args.weights_in and client.restored:
+            print(f"note: {args.state_dir} holds the device's saved state; --weights-in is "
+                  "ignored")
+        elif args.weights_in:
+            model.set_weights(_read_weights(args.weights_in))
+        client.fit(x, y, batch_size=args.batch_size, epochs=args.epochs,
+                   shuffle=not args.no_shuffle, seed=args.seed, restart=args.restart)
+        if args.weights_out:
+            _write_weights(args.weights_out, model.get_weights())
+    finally:
+        client.close()
     return 0
 
 

@@ -75,7 +75,11 @@ class ServerLink:
         """Start a session: protocol version, the cut (dtype, shape) and the codec.
 
         `cut_specs` are `(dtype, shape)` pairs with -1 for the batch axis.
-        `resume=(session_id, step)` reopens a session this device held before.
+        `resume=(session_id, step)` reopens a session this device held before,
+        at the step it saved: the next step it sends is `step + 1`, either a new
+        one or, when the server returns `step + 1` (it applied a step the device
+        crashed before saving), the same batch again, answered from the
+        server's cache and applied once.
         Returns the last step the server holds for the session.
         """
         self.specs = [CutSpec.of(device_names.cut(i), dtype, shape)
@@ -92,7 +96,8 @@ class ServerLink:
         if resume is not None:
             request.resume_session, request.client_step = resume
         reply = self._call(self._stub.Open, request)
-        self.session_id, self.step = reply.session_id, reply.last_step
+        self.session_id = reply.session_id
+        self.step = reply.last_step if resume is None else resume[1]
         self.max_batch_size = reply.max_batch_size
         return reply.last_step
 

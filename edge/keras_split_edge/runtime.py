@@ -9,14 +9,17 @@ export in onnxruntime. Both give the same interface:
   optimizer update, inside the exported model,
 - `get_weights()` / `set_weights(weights)`: the model's weights, in the order of
   Keras's `model.get_weights()` (to hand them to the next client),
-- `save(folder)` / `restore(folder)`: weights and optimizer state on local
-  storage, between app sessions (`.npz`, read without pickle).
+- `save(folder, progress)` / `restore(folder)`: weights and optimizer state
+  on local storage, between app sessions, with the training loop's progress
+  (`.npz`, replaced atomically, read without pickle; `saved_progress(folder)`
+  reads the progress back).
 
 Neither TensorFlow nor keras_split is imported here.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from keras_split_wire import device_names as names
 from keras_split_wire.optional import require
 
 STATE_FILE = names.DEVICE_STATE_FILE
+PROGRESS = "progress"  # the key of the progress record in the state file
 
 
 class ExportedModel:
@@ -35,18 +39,30 @@ class ExportedModel:
     input_shapes: list[tuple]  # without the batch axis
     cut_specs: list[tuple[str, tuple]]  # (dtype, shape with -1 for the batch)
 
-    def save(self, folder) -> Path:
+    def save(self, folder, progress: dict | None = None) -> Path:
+        """Write weights, optimizer state and `progress` (a JSON-able dict) to `folder`.
+
+        One file, replaced atomically and flushed to storage before the
+        replace: a crash at any moment leaves the previous save or this one,
+        never weights from one and progress from the other.
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         arrays = {names.weight(i): w for i, w in enumerate(self.get_weights())}
         slots, step = self.get_optimizer()
         arrays.update({names.slot(i): s for i, s in enumerate(slots)})
         arrays[names.STEP] = np.asarray(step, np.float32)
+        if progress is not None:
+            # A unicode array, read back without pickle.
+            arrays[PROGRESS] = np.asarray(json.dumps(progress, allow_nan=True))
         path = folder / STATE_FILE
         temporary = folder / (STATE_FILE + ".partial")
         with open(temporary, "wb") as f:
             np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(temporary, path)  # a crash leaves the old file or the new one
+        _sync_folder(folder)
         return path
 
     def restore(self, folder) -> bool:
@@ -61,6 +77,28 @@ class ExportedModel:
         self.set_weights(weights)
         self.set_optimizer(slots, step)
         return True
+
+
+def saved_progress(folder) -> dict | None:
+    """The progress saved with the state in `folder` (see `ExportedModel.save`), or None."""
+    path = Path(folder) / STATE_FILE
+    if not path.exists():
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        if PROGRESS not in data.files:
+            return None
+        return json.loads(str(data[PROGRESS]))
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the rename itself durable (POSIX; elsewhere the replace is enough)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _check(values, expected, what):
