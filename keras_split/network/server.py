@@ -64,7 +64,14 @@ from keras_split.network import convert as wire
 from keras_split.network.auth import Credentials
 from keras_split.network.sessions import Session, SessionLimit, SessionTable
 from keras_split.partition import CutSpec, spec_of
-from keras_split.roles import GatheringRole, MessageHandler, PartyHandler, ServerRole
+from keras_split.roles import (
+    MAX_ACTIVATION,
+    MAX_SAMPLE_WEIGHT,
+    GatheringRole,
+    MessageHandler,
+    PartyHandler,
+    ServerRole,
+)
 from keras_split_wire import SERVICE, codecs, rpc
 from keras_split_wire.proto import split_pb2 as pb
 
@@ -140,6 +147,9 @@ class SplitServer:
             (None: never).
         first_message_timeout: seconds a call has, once admitted, to deliver
             its request message.
+        max_activation, max_sample_weight: the magnitude policy of the
+            `ServerRole` built from `loss` (see `keras_split.roles.ServerRole`):
+            larger activations or sample weights are refused before any op.
         checkpoint_dir: a folder (locked by this server while it runs) for
             `server.ckpt`, rewritten after every step before its reply is sent,
             and one small record per session: weights, optimizer and metric
@@ -173,6 +183,8 @@ class SplitServer:
                  max_sessions_per_client: int = 8,
                  session_idle_timeout: float | None = 3600.0,
                  first_message_timeout: float = 10.0,
+                 max_activation: float = MAX_ACTIVATION,
+                 max_sample_weight: float = MAX_SAMPLE_WEIGHT,
                  allowed_compression=codecs.NAMES, checkpoint_dir=None,
                  durable_checkpoints: bool = False, coordinator=None):
         if not tokens and client_ca is None:
@@ -200,7 +212,9 @@ class SplitServer:
             if loss is None:
                 raise ValueError("`SplitServer` needs a `loss` for its ServerRole, or a `role` "
                                  "(e.g. a keras_split.RelayRole for a middle party).")
-            role = ServerRole(model, optimizer, loss, metrics, loss_weights)
+            role = ServerRole(model, optimizer, loss, metrics, loss_weights,
+                              max_activation=max_activation,
+                              max_sample_weight=max_sample_weight)
         if not isinstance(role, (MessageHandler, PartyHandler)):
             raise TypeError(
                 f"`role` must answer messages: a keras_split.roles.MessageHandler (`handle`, "
