@@ -3,11 +3,16 @@ ends, refused reports), and its two drivers: the in-process `RoundRobin` and
 `SplitFed`, and the network `RoundCoordinator`, which consult the same policy
 and so make the same decisions from the same events."""
 
+import copy
+import json
 import pickle
 
+import hypothesis
 import keras
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import keras_split
 from keras_split.configurations import federation, rounds
@@ -200,6 +205,24 @@ GOOD = _half(2)
     ("a", 1, [GOOD[0], np.full((1, 3), np.nan, "float32")], 5, 2,
      r"non-finite values \(NaN or inf\) in weights\[1\]"),
     ("a", 1, [np.array([1.0, np.inf], "float32"), GOOD[1]], 5, 2, "non-finite"),
+    # Finite but absurd: one such weight would outweigh every other client's.
+    ("a", 1, [np.full(2, 3e38, "float32"), GOOD[1]], 5, 2,
+     r"magnitude up to 3e\+38, beyond max_weight=1e\+06 in weights\[0\]"),
+    ("a", 1, [GOOD[0], np.full((1, 3), -2e6, "float32")], 5, 2, r"beyond max_weight"),
+    ("a", 1, [GOOD[0].astype("int32"), GOOD[1]], 5, 2, "dtypes .*int32"),
+    ("a", 1, GOOD + [GOOD[0]], 5, 2, "gives 3 weight arrays; the client half has 2"),
+    ("a", 1, np.stack([GOOD[0], GOOD[0]]), 5, 2, "weights of type ndarray"),
+    ("a", 1, "weights", 5, 2, "weights of type str"),
+    ("a", 1, [[1.0, 2.0], [[1.0], [2.0, 3.0]]], 5, 2, "weights that are not arrays"),
+    ("a", 1, [object(), object()], 5, 2, "dtypes .*object"),
+    # b reported 5 samples: a count of -5 would make the FedAvg total zero.
+    ("a", 1, GOOD, np.int64(-5), 2, "sample count of -5"),
+    ("a", 1, GOOD, 10**30, 2, "sample count of 10{30}"),
+    ("a", 1, GOOD, "5", 2, "sample count of '5'"),
+    ("a", 1, GOOD, None, 2, "sample count of None"),
+    ("a", None, GOOD, 5, 2, "names round None; `round` must be an integer"),
+    ("a", np.array([1, 1]), GOOD, 5, 2, "names round"),
+    (["a"], 1, GOOD, 5, 2, "client id must be hashable"),
 ])
 def test_a_refused_report_changes_nothing(client, round_, weights, samples, now, match):
     policy = _two_training()
@@ -429,3 +452,428 @@ def test_in_process_a_refused_report_is_a_dropout(rng):
     assert fed.policy.history[0].trained == [0]
     # FedAvg of client 0 alone is client 0's weights.
     assert _equal(split.client.get_weights(), fed.clients[0].client.get_weights())
+
+
+# -- no call derails the rounds ---------------------------------------------------
+
+
+def test_fedavg_sums_in_float64_so_finite_reports_average_to_finite_weights():
+    # In float32, 3e38 + 3e38 overflows to inf; the average, 3e38, does not.
+    big = [np.full(2, 3e38, "float32")]
+    (averaged,) = fedavg([big, big], [1, 1])
+    assert averaged.dtype == "float32" and np.isfinite(averaged).all()
+    np.testing.assert_allclose(averaged, 3e38, rtol=1e-7)
+    # float16: a small client's share survives (1 * 1/1001 would be lost in
+    # float16 sums at 2048); (2048 * 1000 + 0 * 1) / 1001 = 2045.95 -> 2046.
+    (half,) = fedavg([[np.full(1, 2048, "float16")], [np.zeros(1, "float16")]], [1000, 1])
+    assert half.dtype == "float16" and half[0] == 2046
+    # Integers round to the nearest value their dtype holds: (1 * 1 + 2 * 2) / 3 = 1.67 -> 2,
+    # and an int64 at its maximum stays there instead of overflowing the cast.
+    top = np.iinfo("int64").max
+    got = fedavg([[np.array([1, top], "int64")], [np.array([2, top], "int64")]], [1, 2])
+    assert got[0].dtype == "int64" and got[0][0] == 2 and got[0][1] > top - 2048
+
+
+def test_without_a_bound_huge_finite_reports_still_average_to_finite_weights():
+    policy = RoundPolicy(_half(0), "splitfed", rounds=1, clients=2, max_weight=None)
+    for client in ("a", "b"):
+        policy.join(client, now=0)
+    for client in ("a", "b"):
+        assert policy.turn(client, 1, now=0).go
+        policy.report(client, 1, _half(3e38), 10, now=1)
+    assert policy.finished and all(np.isfinite(w).all() for w in policy.weights)
+
+
+def test_the_initial_weights_are_checked():
+    with pytest.raises(ValueError, match=r"initial weights\[1\] have non-finite values"):
+        RoundPolicy([np.zeros(2), np.full(2, np.nan)])
+    with pytest.raises(ValueError, match=r"beyond max_weight=10.*a larger `max_weight`"):
+        RoundPolicy([np.full(2, 20.0)], max_weight=10)
+    with pytest.raises(ValueError, match="must be numeric arrays"):
+        RoundPolicy([np.array(["a"])])
+    with pytest.raises(ValueError, match="`max_weight` must be a positive number or None"):
+        RoundPolicy(_half(0), max_weight=0)
+
+
+def test_a_dropped_client_cannot_report_and_bad_turns_change_nothing():
+    policy = _two_training()
+    policy.fail("a", now=2)  # the round ends with b's report alone
+    assert policy.finished
+    before = _state(policy)
+    for call, match in [
+            (lambda: policy.report("a", 1, GOOD, 5, now=3), "no turn of 'a' in round 1"),
+            (lambda: policy.fail("a", now=3), "has no open turn"),
+            (lambda: policy.turn("a", None, now=3), "must be an integer"),
+            (lambda: policy.turn({}, 1, now=3), "must be hashable"),
+            (lambda: policy.join([], now=3), "must be hashable"),
+            (lambda: policy.fail([], now=3), "must be hashable")]:
+        with pytest.raises(RoundError, match=match):
+            call()
+        assert _state(policy) == before
+
+
+def _header_and_arrays(coordinator):
+    header, arrays = coordinator.state()
+    return json.dumps(header, sort_keys=True), {k: v.tobytes() for k, v in arrays.items()}
+
+
+@pytest.mark.parametrize("mode", ["round_robin", "splitfed"])
+def test_the_coordinator_refuses_bad_calls_with_round_errors_only(mode):
+    clock = [0.0]
+    coordinator = RoundCoordinator(_half(0), mode, rounds=2, clients=2, turn_timeout=10,
+                                   poll=0, max_samples=1000, clock=lambda: clock[0])
+    coordinator.turn("a", 1)
+    assert coordinator.turn("b", 1)[0] or coordinator.turn("a", 1)[0]
+    training = coordinator.policy.training[0]
+    before = _header_and_arrays(coordinator)
+    bad = [(training, 1, [np.full(2, 3e38, "float32"), GOOD[1]], 5),
+           (training, 1, [GOOD[0].astype("int64"), GOOD[1]], 5),
+           (training, 1, GOOD[:1], 5), (training, 1, GOOD, 0), (training, 1, GOOD, -10**12),
+           (training, 1, GOOD, 10**12), (training, 1, [np.full(2, np.nan, "float32"),
+                                                       GOOD[1]], 5),
+           (training, "1", GOOD, 5), (training, 2, GOOD, 5), ("stranger", 1, GOOD, 5),
+           (["unhashable"], 1, GOOD, 5), (training, 1, None, 5), (training, 1, GOOD, 2.0)]
+    for report in bad:
+        with pytest.raises(RoundError):
+            coordinator.report(*report)
+        assert _header_and_arrays(coordinator) == before, report
+    for call in (lambda: coordinator.turn(["x"], 1), lambda: coordinator.turn("a", "1"),
+                 lambda: coordinator.fail("stranger"), lambda: coordinator.join({})):
+        with pytest.raises(RoundError):
+            call()
+        assert _header_and_arrays(coordinator) == before
+    clock[0] = 1.0
+    assert coordinator.report(training, 1, GOOD, 5) in (1, 2)  # the turn is still open
+
+
+# Random sequences of events, good and bad, against the policy and (with a
+# checkpoint and restore at a random point) the coordinator, on a fake clock.
+CLIENTS = ["a", "b", "c", "d"]
+TIMEOUT = 10.0
+START = _half(0)
+_BAD_WEIGHTS = {
+    "count": lambda v: _half(v)[:1],
+    "extra": lambda v: _half(v) + [np.zeros(1, "float32")],
+    "int": lambda v: [w.astype("int32") for w in _half(v)],
+    "float64": lambda v: _half(v, "float64"),
+    "shape": lambda v: [np.zeros(3, "float32"), _half(v)[1]],
+    "nan": lambda v: [np.full(2, np.nan, "float32"), _half(v)[1]],
+    "inf": lambda v: [_half(v)[0], np.full((1, 3), -np.inf, "float32")],
+    "huge": lambda v: [np.full(2, 3e38, "float32"), _half(v)[1]],
+    "ndarray": lambda v: np.zeros(2, "float32"),
+    "ragged": lambda v: [[v, v], [[v], [v, v]]],
+    "none": lambda v: None,
+}
+# "training" and "next" stand for a client training now and one the policy
+# would let start (filled in at the time), so that sequences make progress.
+_clients = st.sampled_from(["training"] * 3 + ["next"] * 3 + [*CLIENTS, "unhashable"])
+_rounds = st.sampled_from(["current", "current", "current", "next", "previous", 0, None, "1"])
+_samples = st.one_of(st.integers(1, 100), st.integers(-10**12, 10**12),
+                     st.sampled_from([0, -1, 10**9, 10**9 + 1, True, 2.5, None, "5",
+                                      "minus the others"]))
+_FIELDS = ("client", "round", "weights", "samples")
+# One step: an event (its kind drawn with these weights, so that sequences
+# make progress: turns that go and reports that are taken), then `dt` seconds.
+_KINDS = (["turn that goes"] * 4 + ["report that fits"] * 4 + ["turn"] * 2 + ["report"] * 2
+          + [f"report that fits but for its {field}" for field in _FIELDS] * 2
+          + ["join", "fail", "expire"])
+# Mostly 0 or 0.5 s between events, sometimes up to and past the timeout.
+# Multiples of 0.5 s: sums of them are exact, so times saved as "seconds
+# elapsed" and restored give the same decisions as times never saved.
+_DT = [0.0] * 20 + [0.5] * 20 + [2.0, 5.0, 10.0, 10.5, 30.0]
+_steps = st.lists(st.tuples(st.sampled_from(_KINDS), _clients, _rounds,
+                            st.sampled_from(["good"] + sorted(_BAD_WEIGHTS)),
+                            st.floats(-100, 100, allow_nan=False), _samples,
+                            st.integers(1, 100), st.sampled_from(_DT)),
+                  min_size=10, max_size=80)
+
+
+def _arguments(policy, step):
+    """The step's event and its arguments, with the placeholders filled in
+    from the policy."""
+    kind, client, round_, weights, value, samples, good_samples, _ = step
+    if kind == "turn that goes":
+        client, round_ = "next", "current"
+    elif kind.startswith("report that fits"):
+        # Every field fits but (maybe) one, drawn at random: each check alone.
+        fits = {"client": "training", "round": "current", "weights": "good",
+                "samples": good_samples}
+        fits.pop(kind.rsplit(" ", 1)[1], None)
+        client, round_ = fits.get("client", client), fits.get("round", round_)
+        weights, samples = fits.get("weights", weights), fits.get("samples", samples)
+    if client == "training":
+        client = policy.training[0] if policy.training else CLIENTS[0]
+    elif client == "next":
+        ready = [c for c in CLIENTS if c in policy.members and policy.may_start(c, policy.round)]
+        new = [c for c in CLIENTS if c not in policy.members]
+        client = (ready + new + CLIENTS)[0]
+    client = ["x"] if client == "unhashable" else client
+    name = kind.split()[0]
+    if name in ("join", "fail"):
+        return name, [client]
+    if name == "expire":
+        return name, []
+    round_ = {"current": policy.round, "next": policy.round + 1,
+              "previous": policy.round - 1}.get(round_, round_)
+    if name == "turn":
+        return name, [client, round_]
+    weights = _half(value) if weights == "good" else _BAD_WEIGHTS[weights](value)
+    if samples == "minus the others":
+        samples = -sum(policy._counts.values())
+    return name, [client, round_, weights, samples]
+
+
+def _check_invariants(policy, now, round_before, ends):
+    assert round_before <= policy.round <= policy.rounds + 1
+    assert len(policy.history) == min(policy.round, policy.rounds)
+    assert [r.round for r in policy.history] == list(range(1, len(policy.history) + 1))
+    for weights in [policy.weights] + [end.weights for end in ends]:
+        assert [(w.dtype, w.shape) for w in weights] == [(w.dtype, w.shape) for w in START]
+        assert all(np.isfinite(w).all() and (np.abs(w) <= policy.max_weight).all()
+                   for w in weights), weights
+    # Liveness: once the first round has started, something is always due
+    # within turn_timeout of now, until the rounds are finished.
+    started = policy.round > 1 or len(policy.members) >= policy.expected
+    if started and not policy.finished:
+        due = policy.next_expiry()
+        assert due is not None and due <= now + TIMEOUT, (policy, due, now)
+
+
+def _runs_out(policy, now):
+    """From here, with every client gone (only `expire` calls, each when the
+    policy says something is due), the rounds finish, and within a bound."""
+    policy = copy.deepcopy(policy)
+    for index in range(policy.expected - len(policy.members)):
+        policy.join(f"late{index}", now)  # the rest arrive, and vanish too
+    members, left = len(policy.members), policy.rounds - policy.round + 1
+    # Round-robin: one member per due time; SplitFed: each training client's
+    # own due time, then the unclaimed round's.
+    budget = max(left, 0) * (members + 1)
+    start = now
+    for _ in range(budget):
+        if policy.finished:
+            break
+        due = policy.next_expiry()
+        assert due is not None, policy
+        now = max(now, due) + 0.5
+        assert policy.expire(now), (policy, now)  # every due time drops someone
+    assert policy.finished, policy
+    assert now - start <= budget * (TIMEOUT + 0.5)
+
+
+@settings(max_examples=500, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(mode=st.sampled_from(["round_robin", "splitfed"]), rounds_=st.integers(1, 3),
+       clients=st.integers(1, 3), steps=_steps, save_at=st.integers(0, 80))
+def test_no_sequence_of_events_derails_a_round(mode, rounds_, clients, steps, save_at):
+    policy = RoundPolicy(START, mode, rounds_, clients, turn_timeout=TIMEOUT)
+    clock = [0.0]
+
+    def coordinator_from(state=None):
+        made = RoundCoordinator(START, mode, rounds_, clients, turn_timeout=TIMEOUT, poll=0,
+                                clock=lambda: clock[0])
+        if state is not None:
+            made.restore(json.loads(json.dumps(state[0])), state[1])
+        return made
+
+    coordinator = coordinator_from()
+    for index, step in enumerate(steps):
+        if index == save_at:  # the server restarts: a fresh coordinator from its checkpoint
+            coordinator = coordinator_from(coordinator.state())
+        clock[0] += step[-1]
+        name, arguments = _arguments(policy, step)
+        before, round_before = _state(policy), policy.round
+        # Only RoundError is caught: any other exception fails the test.
+        direct = _outcome(lambda n=name, a=arguments: getattr(policy, n)(*a, clock[0]))
+        through = _outcome(lambda n=name, a=arguments, c=coordinator: getattr(c, n)(*a))
+        assert _same(direct, through), (name, arguments, direct, through)
+        if isinstance(direct, tuple) and direct[0] == "refused":
+            assert _state(policy) == before, (name, arguments, direct)
+        _check_invariants(policy, clock[0], round_before, policy.take_round_ends())
+    hypothesis.event(f"reached round {min(policy.round, rounds_)} of {rounds_}"
+          f"{' (finished)' if policy.finished else ''}")
+    hypothesis.event(f"{sum(len(r.trained) for r in policy.history)} reports taken")
+    # The coordinator, restarted or not, is where the policy is.
+    assert _same(list(coordinator.state()[0].items()),
+                 list(policy.state(clock[0])[0].items()))
+    assert _equal(coordinator.weights, policy.weights)
+    _runs_out(policy, clock[0])
+
+
+# -- checkpoints ------------------------------------------------------------------
+
+
+def _play(coordinator, clock, events):
+    outcomes = []
+    for event, client, *arguments, now in events:
+        clock[0] = now
+        if event == "report":
+            round_, value, samples = arguments
+            weights = value if isinstance(value, list) else _half(value)
+            arguments = [round_, weights, samples]
+        outcomes.append(_outcome(lambda e=event, c=client, a=arguments:
+                                 getattr(coordinator, e)(c, *a)))
+    return outcomes
+
+
+@pytest.mark.parametrize("mode", ["round_robin", "splitfed"])
+def test_a_restored_coordinator_carries_on_as_if_it_never_stopped(mode):
+    def fresh(clock):
+        return RoundCoordinator(_half(0), mode, rounds=3, clients=3, turn_timeout=10, poll=0,
+                                clock=lambda: clock[0])
+
+    clock = [0.0]
+    never_stopped = fresh(clock)
+    want = _play(never_stopped, clock, SCRIPT)
+    pending = 0
+    for cut in range(len(SCRIPT) + 1):  # a restart after every event in turn
+        clock = [0.0]
+        first = fresh(clock)
+        got = _play(first, clock, SCRIPT[:cut])
+        header, arrays = first.state()
+        pending = max(pending, len(header["reports"]) * (mode == "splitfed"))
+        # Through JSON, as in a checkpoint file; the arrays as read back.
+        restarted = fresh(clock)
+        restarted.restore(json.loads(json.dumps(header)), {k: v.copy() for k, v in
+                                                          arrays.items()})
+        got += _play(restarted, clock, SCRIPT[cut:])
+        assert all(_same(a, b) for a, b in zip(got, want, strict=True)), cut
+        assert _equal(restarted.weights, never_stopped.weights)
+        assert [(r.round, r.trained, r.dropped) for r in restarted.history] == [
+            (r.round, r.trained, r.dropped) for r in never_stopped.history]
+    # Some restarts came mid-round, with reports in that were yet to be averaged.
+    assert mode == "round_robin" or pending >= 1
+
+
+def _mid_round():
+    clock = [0.0]
+    coordinator = RoundCoordinator(_half(0), "splitfed", rounds=2, clients=3, turn_timeout=10,
+                                   poll=0, max_samples=100, clock=lambda: clock[0])
+    for client in ("a", "b", "c"):
+        coordinator.turn(client, 1)
+    assert coordinator.turn("a", 1)[0] and coordinator.turn("b", 1)[0]
+    clock[0] = 1.0
+    coordinator.report("a", 1, _half(2), 10)
+    clock[0] = 2.0
+    return coordinator, clock
+
+
+def test_state_is_json_and_names_everything_in_the_round():
+    coordinator, _ = _mid_round()
+    header, arrays = coordinator.state()
+    assert json.loads(json.dumps(header)) == header
+    assert header["round"] == 1 and header["members"] == ["a", "b", "c"]
+    assert header["reports"] == [["a", 10]]
+    # c, the third to arrive, started the round and went first; all at 0, saved at 2.
+    assert header["training"] == [["c", 2.0], ["b", 2.0]]
+    assert header["opened"] == 2.0  # the round opened when c, the third, arrived at 0
+    assert header["history"] == [{"round": 1, "trained": ["a"], "dropped": []}]
+    assert sorted(arrays) == ["reports/0/0", "reports/0/1", "weights/0", "weights/1"]
+    assert _equal([arrays["reports/0/0"], arrays["reports/0/1"]], _half(2))
+    arrays["weights/0"][:] = 9  # copies: the coordinator's stay as they were
+    assert _equal(coordinator.weights, _half(0))
+
+
+@pytest.mark.parametrize("restart_timers, dropped_at", [(False, 108.5), (True, 110.5)])
+def test_timers_resume_with_the_time_they_had_left_or_restart(restart_timers, dropped_at):
+    coordinator, clock = _mid_round()
+    header, arrays = coordinator.state()  # b and c have trained for 2 s of their 10
+    clock[0] = 100.0  # the server was down for 98 s: that does not count
+    restarted = RoundCoordinator(_half(0), "splitfed", rounds=2, clients=3, turn_timeout=10,
+                                 poll=0, max_samples=100, clock=lambda: clock[0])
+    restarted.restore(header, arrays, restart_timers=restart_timers)
+    clock[0] = dropped_at - 0.5
+    assert restarted.expire() == []
+    clock[0] = dropped_at
+    assert restarted.expire() == ["c", "b"]
+    assert restarted.round == 2 and _equal(restarted.weights, _half(2))  # a's report alone
+
+
+def _variants():
+    """(change to a valid state, what the refusal says)."""
+    def header(**fields):
+        return lambda h, a: h.update(fields)
+
+    def array(key, value):
+        return lambda h, a: a.__setitem__(key, value)
+
+    return [
+        (header(format=2), "its format is 2; this version reads format 1"),
+        (header(mode="round_robin"), "holds 'round_robin' rounds, this coordinator runs "
+                                     "'splitfed'"),
+        (header(round=4), r"'round' is 4, expected an integer in 1..3"),
+        (header(round=3), "'history' must list rounds 1..2 or 1..3"),
+        (header(round=2), r"'reports' names \['a'\], but round 2 was trained by \[\]"),
+        (header(members=["a", "b", "a"]), "names a client twice"),
+        (header(members=["a", "b"]), "not members"),
+        (header(members=[["a"], "b", "c"]), "list of client ids"),
+        (header(reports=[["a", 101]]), r"sample count of 'a' is 101, expected an integer in "
+                                       r"1\.\.100"),
+        (header(reports=[["b", 10]]), "'reports' names"),
+        (header(training=[["c", 2.0], ["b", -1.0]]), "training time of 'b' is -1.0"),
+        (header(training=[["c", 2.0], ["a", 1.0]]), "training and also reported"),
+        (header(training=[["z", 1.0]]), "not members"),
+        (header(training="b"), r"list of \[client_id, value\] pairs"),
+        (header(opened=None), "'opened' is None"),
+        (header(turn=1), "SplitFed has no turn order"),
+        (header(training=[], history=[{"round": 1, "trained": ["a"],
+                                       "dropped": ["b", "c"]}]),
+         "should have ended"),
+        (lambda h, a: h.pop("history"), "has no 'history'"),
+        (array("weights/1", np.zeros((3, 1), "float32")), r"'weights/1' is float32 \(3, 1\)"),
+        (array("weights/0", np.zeros(2, "float64")), "'weights/0' is float64"),
+        (array("reports/0/0", np.full(2, np.nan, "float32")), "'reports/0/0' has non-finite"),
+        (array("reports/0/0", np.full(2, 3e38, "float32")), "beyond max_weight"),
+        (array("reports/1/0", np.zeros(2, "float32")), "the arrays are"),
+        (lambda h, a: a.pop("reports/0/1"), "the arrays are"),
+    ]
+
+
+@pytest.mark.parametrize("change, match", _variants(),
+                         ids=[match[:30] for _, match in _variants()])
+def test_restore_refuses_what_does_not_fit_and_changes_nothing(change, match):
+    saved, _ = _mid_round()
+    header, arrays = saved.state()
+    change(header, arrays)
+    coordinator, _ = _mid_round()
+    coordinator.report("b", 1, _half(4), 30)
+    before = _header_and_arrays(coordinator)
+    with pytest.raises(ValueError, match=match):
+        coordinator.restore(header, arrays)
+    assert _header_and_arrays(coordinator) == before
+
+
+def test_round_robin_restore_checks_the_turn_order():
+    clock = [0.0]
+    coordinator = RoundCoordinator(_half(0), "round_robin", rounds=1, clients=2, poll=0,
+                                   clock=lambda: clock[0])
+    coordinator.turn("a", 1)
+    coordinator.turn("b", 1)
+    coordinator.turn("a", 1)
+    coordinator.report("a", 1, _half(1), 5)
+    header, arrays = coordinator.state()
+    assert header["turn"] == 1 and header["reports"] == [["a", 5]]
+    for turn in (0, 2):
+        with pytest.raises(ValueError, match=f"'turn'|turn {turn} of"):
+            coordinator.restore({**header, "turn": turn}, arrays)
+    with pytest.raises(ValueError, match="the arrays are"):
+        coordinator.restore(header, {**arrays, "reports/0/0": arrays["weights/0"]})
+    coordinator.restore(header, arrays)  # unchanged, it still fits
+    assert coordinator.turn("b", 1)[:2] == (True, 1)
+
+
+def test_a_finished_run_restored_with_more_rounds_carries_on():
+    clock = [0.0]
+    done = RoundCoordinator(_half(0), "splitfed", rounds=1, clients=1, poll=0,
+                            clock=lambda: clock[0])
+    done.turn("a", 1)
+    done.report("a", 1, _half(3), 5)
+    assert done.finished
+    header, arrays = done.state()
+    longer = RoundCoordinator(_half(0), "splitfed", rounds=2, clients=1, poll=0,
+                              clock=lambda: clock[0])
+    longer.restore(header, arrays)
+    go, round_, weights, finished = longer.turn("a", 2)
+    assert go and round_ == 2 and _equal(weights, _half(3)) and not finished
+    longer.report("a", 2, _half(5), 5)
+    assert longer.finished and [r.round for r in longer.history] == [1, 2]

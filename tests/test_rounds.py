@@ -198,3 +198,19 @@ def test_splitfed_v1_with_client_processes_equals_in_process(tmp_path, rng):
         np.testing.assert_allclose(a, b, atol=1e-5)
     for a, b in zip(split.server.get_weights(), local.server.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_sflv1_averages_a_client_that_never_stepped_from_the_round_start():
+    # A client may report without a step (or lose its copy in a server
+    # restart): its server copy is then the round's start, not a KeyError.
+    from keras_split.configurations.rounds import PerClientRole
+
+    split = _split()
+    role = PerClientRole(split.server, keras.optimizers.SGD(0.1), LOSS)
+    start = split.server.get_weights()
+    role._copy("hospital-a")[0].model.set_weights([w + 2.0 for w in start])
+    role.average({"hospital-a": 1, "hospital-b": 3})  # b has no copy yet
+    # (start + 2) * 1/4 + start * 3/4 = start + 0.5.
+    for got, want in zip(split.server.get_weights(), start, strict=True):
+        # float32: start + 2 rounds to about 2e-7 (absolute), whatever start is.
+        np.testing.assert_allclose(got, want + 0.5, atol=1e-6)

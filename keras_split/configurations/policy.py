@@ -19,9 +19,32 @@
 5. **When a round ends**: round-robin, after every member's turn; SplitFed, once
    no client is training and every member has reported or dropped out.
 
-Every report is checked before it is recorded (an open turn, in time, a sample
-count in (0, `max_samples`], weights with the round's length, dtypes and shapes,
-all finite); a report that fails raises `RoundError` and changes nothing.
+Every event is checked before it changes anything. A report needs an open
+turn, in time, a sample count in 1..`max_samples`, and weights with the round's
+length, dtypes and shapes, all finite and no larger in magnitude than
+`max_weight`. One that fails (whatever it holds: wrong types, NaN, a negative
+count that would cancel the others' total) raises `RoundError` naming the
+field, and the policy is left exactly as it was; no other exception comes out
+of an event.
+
+**Absurd values.** A finite but huge weight (3e38 in float32) would dominate a
+FedAvg or overflow it to inf, so reports are bounded twice: a float weight
+beyond `max_weight` (1e6 by default, far above any trained weight; None turns
+the bound off) is refused, and FedAvg sums in float64 whatever the dtype, so a
+sample-weighted average of finite values is finite and cast back without
+overflow.
+
+**Every round ends.** With a `turn_timeout`, once the first round has started
+something is always due (`next_expiry`): a client training, a turn or round
+waiting to be claimed. A driver that calls `expire` at that time drops it, so a
+round with M members ends at most M + 1 timeouts after its last event, even if
+every client has vanished (tests/test_policy.py checks this on random event
+sequences).
+
+**Checkpoints.** `state(now)` returns the whole state as a JSON-able header and
+arrays, and `restore(header, arrays, now)` reads it back after checking all of
+it; times are saved as seconds elapsed, so each timer resumes with the time it
+had left (see `state`).
 
 It has no threads, no clock and no TensorFlow: time is an argument (`now`, in
 seconds of any monotonic clock), so the same object runs under two drivers.
@@ -44,6 +67,7 @@ policy.weights  # [array([3.25, 3.25])]: (1 * 10 + 4 * 30) / 40
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +78,11 @@ MODES = ("round_robin", "splitfed")
 # Large enough for any real shard, small enough that a forged count cannot give
 # one client all the weight of a FedAvg (or overflow the total).
 DEFAULT_MAX_SAMPLES = 10**9
+# Far above any trained weight (which are of order 1), far below where float32
+# sums overflow (3.4e38): a report beyond it is refused, not averaged.
+DEFAULT_MAX_WEIGHT = 1e6
+# The version of the header `RoundPolicy.state` writes.
+STATE_FORMAT = 1
 
 
 @dataclass
@@ -127,6 +156,12 @@ def fedavg_coefficients(counts: Sequence[int]) -> list[float]:
 def fedavg(weight_sets: list[list[np.ndarray]], counts: list[int]) -> list[np.ndarray]:
     """The sample-weighted average of several weight lists (FedAvg).
 
+    The sum runs in float64 whatever the dtype (a float32 sum of large values
+    overflows to inf, a float16 one loses the small clients' shares), and is
+    cast back: a weighted average of finite values is finite and no larger than
+    the largest of them, so the cast cannot overflow. Integer and boolean
+    arrays are rounded to the nearest value of their dtype.
+
     Args:
         weight_sets: one list of arrays per client, all of the same structure.
         counts: the number of samples each client trained on (positive).
@@ -141,45 +176,90 @@ def fedavg(weight_sets: list[list[np.ndarray]], counts: list[int]) -> list[np.nd
         raise ValueError(f"Give one sample count per weight list: {len(weight_sets)} weight "
                          f"lists, received {len(counts)} counts.")
     shares = fedavg_coefficients(counts)
-    return [sum(w[i] * share for w, share in zip(weight_sets, shares, strict=True))
-            .astype(weight_sets[0][i].dtype) for i in range(len(weight_sets[0]))]
+    averaged = []
+    for i, first in enumerate(weight_sets[0]):
+        total = sum(np.asarray(w[i], np.float64) * share
+                    for w, share in zip(weight_sets, shares, strict=True))
+        averaged.append(_cast(np.asarray(total), np.asarray(first).dtype))
+    return averaged
+
+
+def _cast(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if dtype.kind in "biu":
+        low, high = (0, 1) if dtype.kind == "b" else (np.iinfo(dtype).min, np.iinfo(dtype).max)
+        # float64(2**63 - 1) rounds up to 2**63, which int64 cannot hold.
+        top = np.float64(high)
+        if int(top) > high:
+            top = np.nextafter(top, 0)
+        values = np.clip(np.rint(values), np.float64(low), top)
+    return values.astype(dtype)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_id(value) -> bool:
+    """A client id that a checkpoint header (JSON) can hold and give back."""
+    return isinstance(value, str) or _is_integer(value)
 
 
 class RoundPolicy:
     """Turns, hand-offs, FedAvg, dropouts and round ends; see the module doc.
 
     Clients are known by any hashable id (an index in process, a client id over
-    the network). State changes only through `join`, `turn`, `report`, `fail`
-    and `expire`; each takes the current time, so the caller owns the clock.
+    the network; `state` needs str or int). State changes only through `join`,
+    `turn`, `report`, `fail`, `expire` and `restore`; each takes the current
+    time, so the caller owns the clock. An event either succeeds or raises
+    `RoundError` and changes nothing.
 
     Args:
-        weights: the client half's initial weights.
+        weights: the client half's initial weights (numeric arrays, finite).
         mode: "round_robin" or "splitfed".
         rounds: how many rounds to run.
         clients: how many clients must join before the first round starts.
         turn_timeout: seconds a client has to report after it starts, and that
             an open turn (round-robin) or round (SplitFed) waits to be claimed;
-            None never drops anyone for time.
+            None never drops anyone for time (and so cannot promise that a
+            round ends if a client vanishes).
         max_samples: the largest sample count a report may give.
+        max_weight: the largest magnitude a reported float weight may have;
+            None for no bound (non-finite values are refused regardless).
     """
 
     def __init__(self, weights, mode: str = "round_robin", rounds: int = 1, clients: int = 2,
-                 turn_timeout: float | None = None, max_samples: int = DEFAULT_MAX_SAMPLES):
+                 turn_timeout: float | None = None, max_samples: int = DEFAULT_MAX_SAMPLES,
+                 max_weight: float | None = DEFAULT_MAX_WEIGHT):
         if mode not in MODES:
             raise ValueError(f"`mode` must be 'round_robin' or 'splitfed', received {mode!r}.")
-        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        if not _is_integer(rounds) or rounds < 0:
             raise ValueError(f"`rounds` must be a non-negative integer, received {rounds!r}.")
-        if isinstance(clients, bool) or not isinstance(clients, int) or clients < 1:
+        if not _is_integer(clients) or clients < 1:
             raise ValueError(f"`clients` must be a positive integer, received {clients!r}.")
-        if turn_timeout is not None and not turn_timeout > 0:
+        if turn_timeout is not None and not (
+                isinstance(turn_timeout, numbers.Real) and not isinstance(turn_timeout, bool)
+                and 0 < turn_timeout < math.inf):
             raise ValueError(f"`turn_timeout` must be a positive number of seconds or None, "
                              f"received {turn_timeout!r}.")
-        if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
+        if not _is_integer(max_samples) or max_samples < 1:
             raise ValueError(f"`max_samples` must be a positive integer, received "
                              f"{max_samples!r}.")
-        self.mode, self.rounds, self.expected = mode, rounds, clients
-        self.turn_timeout, self.max_samples = turn_timeout, max_samples
+        if max_weight is not None and not (
+                isinstance(max_weight, numbers.Real) and not isinstance(max_weight, bool)
+                and max_weight > 0):
+            raise ValueError(f"`max_weight` must be a positive number or None, received "
+                             f"{max_weight!r}.")
+        self.mode, self.rounds, self.expected = mode, int(rounds), int(clients)
+        self.turn_timeout, self.max_samples, self.max_weight = turn_timeout, max_samples, max_weight
         self.weights = [np.array(w) for w in weights]
+        for index, array in enumerate(self.weights):
+            if array.dtype.kind not in "biuf":
+                raise ValueError(f"weights[{index}] has dtype {array.dtype}; the client half's "
+                                 f"weights must be numeric arrays (`client.get_weights()`).")
+            problem = self._value_problem(array)
+            if problem:
+                raise ValueError(f"The initial weights[{index}] have {problem}. Pass finite "
+                                 f"weights, or a larger `max_weight`.")
         self.round = 1
         self.members: list = []                 # in order of arrival: the turn order
         self.history: list[RoundRecord] = [RoundRecord(1)] if rounds else []
@@ -209,11 +289,15 @@ class RoundPolicy:
 
         Returns:
             Whether it was new.
+
+        Raises:
+            RoundError: `client_id` is not hashable.
         """
+        _check_id(client_id)
         if client_id in self.members:
             return False
         self.members.append(client_id)
-        if len(self.members) == self.expected and self._opened is None:
+        if len(self.members) >= self.expected and self._opened is None:
             self._opened = now
         self.changes += 1
         return True
@@ -226,8 +310,16 @@ class RoundPolicy:
         training from `now`.
 
         Returns:
-            A `Turn`: go (with the weights to start from), not yet, or finished.
+            A `Turn`: go (with a copy of the weights to start from), not yet,
+            or finished.
+
+        Raises:
+            RoundError: `client_id` is not hashable or `ready_for` not an integer.
         """
+        _check_id(client_id)
+        if not _is_integer(ready_for):
+            raise RoundError(f"{client_id!r} asks for a turn in round {ready_for!r}; `round` "
+                             f"must be an integer (the round it is ready for).")
         self.join(client_id, now)
         self.expire(now)
         if self.finished:
@@ -236,7 +328,8 @@ class RoundPolicy:
             return Turn(False, self.round, [], False)
         self._started[client_id] = now
         self.changes += 1
-        return Turn(True, self.round, list(self.weights), False)
+        # Copies: whatever the caller does to them, the policy's stay as they are.
+        return Turn(True, self.round, [w.copy() for w in self.weights], False)
 
     def report(self, client_id: Hashable, round_: int, weights, samples: int,
                now: float) -> int:
@@ -257,8 +350,8 @@ class RoundPolicy:
 
         Raises:
             RoundError: the report does not fit (no open turn, late, a bad
-                sample count, weights of another structure, non-finite
-                values); the policy is then left exactly as it was.
+                sample count, weights of another structure, non-finite or
+                too large values); the policy is then left exactly as it was.
         """
         arrays = self.check_report(client_id, round_, weights, samples, now)
         del self._started[client_id]
@@ -280,6 +373,7 @@ class RoundPolicy:
         Raises:
             RoundError: `client_id` is not training.
         """
+        _check_id(client_id)
         if client_id not in self._started:
             raise RoundError(f"{client_id!r} failed, but it has no open turn (training now: "
                              f"{list(self._started)}). Report a failure only between a turn "
@@ -290,6 +384,9 @@ class RoundPolicy:
     def expire(self, now: float) -> list:
         """Drop every client whose turn outlived `turn_timeout` by `now`, and
         the clients of a turn or round that nobody claimed in that time.
+
+        A driver that calls this at `next_expiry()` (or later) ends every round:
+        see the module doc.
 
         Returns:
             The clients dropped, in order.
@@ -333,7 +430,10 @@ class RoundPolicy:
 
     def next_expiry(self) -> float | None:
         """The time after which `expire` would drop someone, or None if none
-        is due (so a driver that waits knows when to look again)."""
+        is due (so a driver that waits knows when to look again).
+
+        With a `turn_timeout`, it is None only before the first round starts
+        and once the rounds are finished."""
         if self.turn_timeout is None or self.finished:
             return None
         times = [since + self.turn_timeout for since in self._started.values()]
@@ -349,8 +449,12 @@ class RoundPolicy:
             The reported weights as new arrays.
 
         Raises:
-            RoundError: see `report`.
+            RoundError: see `report`; the message names the field at fault.
         """
+        _check_id(client_id)
+        if not _is_integer(round_):
+            raise RoundError(f"the report of {client_id!r} names round {round_!r}; `round` must "
+                             f"be an integer (the round of the turn it trained in).")
         if round_ != self.round or client_id not in self._started:
             expired = ("" if self.turn_timeout is None else
                        f"; a turn that outlived turn_timeout={self.turn_timeout:g} s was dropped")
@@ -364,10 +468,9 @@ class RoundPolicy:
                 f"the report of {client_id!r} for round {round_} is late: its turn started "
                 f"{elapsed:g} s ago, more than turn_timeout={self.turn_timeout:g} s, so it "
                 f"is dropped. Train for less than turn_timeout per turn, or raise it.")
-        if (isinstance(samples, bool) or not isinstance(samples, numbers.Integral)
-                or not 0 < samples <= self.max_samples):
+        if not _is_integer(samples) or not 0 < samples <= self.max_samples:
             raise RoundError(
-                f"the report of {client_id!r} gives a sample count of {samples!r}; expected "
+                f"the report of {client_id!r} gives a sample count of {_shown(samples)}; expected "
                 f"an integer in 1..{self.max_samples} (the number of samples it trained on, "
                 f"which weighs its weights in FedAvg).")
         if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
@@ -381,9 +484,9 @@ class RoundPolicy:
                 f"the turn's weights were loaded into.")
         try:
             arrays = [np.array(w) for w in weights]
-        except (TypeError, ValueError) as error:
+        except Exception as error:  # noqa: BLE001 - whatever a caller sent, refuse it
             raise RoundError(f"the report of {client_id!r} has weights that are not arrays: "
-                             f"{error}") from error
+                             f"{type(error).__name__}: {error}") from error
         got = [(str(w.dtype), w.shape) for w in arrays]
         want = [(str(w.dtype), w.shape) for w in self.weights]
         if got != want:
@@ -392,12 +495,119 @@ class RoundPolicy:
                 f"{want}. Report `client.get_weights()` of the model the turn's weights "
                 f"were loaded into.")
         for index, array in enumerate(arrays):
-            if np.issubdtype(array.dtype, np.inexact) and not np.isfinite(array).all():
-                raise RoundError(
-                    f"the report of {client_id!r} has non-finite values (NaN or inf) in "
-                    f"weights[{index}]. Its training diverged: lower the learning rate, or "
-                    f"clip gradients.")
+            problem = self._value_problem(array)
+            if problem:
+                # Either would poison the average: NaN spreads, and one huge
+                # weight outweighs every other client's.
+                raise RoundError(f"the report of {client_id!r} has {problem} in "
+                                 f"weights[{index}]. Its training diverged: lower the learning "
+                                 f"rate, or clip gradients.")
         return arrays
+
+    def _value_problem(self, array: np.ndarray) -> str:
+        """What is wrong with the values of a weight array, or ''."""
+        if array.dtype.kind != "f":
+            return ""
+        if not np.isfinite(array).all():
+            return "non-finite values (NaN or inf)"
+        if self.max_weight is not None and (np.abs(array) > self.max_weight).any():
+            return (f"values of magnitude up to {float(np.abs(array).max()):.3g}, beyond "
+                    f"max_weight={self.max_weight:g}")
+        return ""
+
+    # -- checkpoints -------------------------------------------------------------
+
+    def state(self, now: float) -> tuple[dict, dict[str, np.ndarray]]:
+        """The whole state, for a checkpoint: `(header, arrays)`.
+
+        Rounds that ended and were not yet taken (`take_round_ends`) are not
+        part of it; a driver takes them after every event.
+
+        Args:
+            now: the time, on the clock of the events.
+
+        Returns:
+            `header`, a dict that `json.dumps` can write:
+
+            - "format": `STATE_FORMAT` (1).
+            - "mode", "rounds", "clients", "turn_timeout", "max_samples",
+              "max_weight": the configuration, to check a restore against.
+            - "round": the current round (`rounds + 1` once finished).
+            - "members": the client ids in turn order.
+            - "turn": round-robin, the index in "members" of the client whose
+              turn it is; SplitFed, 0.
+            - "opened": seconds since the current turn (round-robin) or round
+              (SplitFed) opened, at `now`; None before the first round starts.
+            - "training": `[client_id, seconds since it started]` for each
+              client training now.
+            - "reports": `[client_id, samples]` for each report taken in the
+              current round, in order.
+            - "history": one `{"round", "trained", "dropped"}` per round so far,
+              the current one last (who reported, who was dropped).
+
+            `arrays`, copies: "weights/<i>" the client half's weights (the
+            round's start in SplitFed, the latest hand-off in round-robin) and,
+            SplitFed, "reports/<k>/<i>" the weights of the k-th entry of
+            "reports".
+
+        Raises:
+            TypeError: a client id is neither a str nor an int.
+        """
+        bad = [c for c in self.members if not _is_id(c)]
+        if bad:
+            raise TypeError(f"Only str and int client ids can be saved, received {bad!r}.")
+
+        def ids(values):
+            return [c if isinstance(c, str) else int(c) for c in values]
+
+        def since(then):
+            return max(0.0, float(now - then))
+
+        header = {
+            "format": STATE_FORMAT, "mode": self.mode, "rounds": self.rounds,
+            "clients": self.expected, "turn_timeout": self.turn_timeout,
+            "max_samples": self.max_samples, "max_weight": self.max_weight,
+            "round": self.round, "members": ids(self.members), "turn": self._turn,
+            "opened": None if self._opened is None else since(self._opened),
+            "training": [[c, since(t)] for c, t in zip(ids(self._started),
+                                                       self._started.values(), strict=True)],
+            "reports": [[c, n] for c, n in zip(ids(self._counts), self._counts.values(),
+                                               strict=True)],
+            "history": [{"round": r.round, "trained": ids(r.trained), "dropped": ids(r.dropped)}
+                        for r in self.history],
+        }
+        arrays = {f"weights/{i}": w.copy() for i, w in enumerate(self.weights)}
+        for k, client_id in enumerate(self._reports):
+            for i, w in enumerate(self._reports[client_id]):
+                arrays[f"reports/{k}/{i}"] = w.copy()
+        return header, arrays
+
+    def restore(self, header: dict, arrays: dict[str, np.ndarray], now: float,
+                restart_timers: bool = False) -> None:
+        """Replace the whole state with one written by `state`.
+
+        Everything is checked before anything changes: the mode and the
+        weights' structure must be this policy's; the round must fit `rounds`
+        (a finished run can be extended by a policy with more rounds); every
+        client id, index, count, time and array must be consistent. The
+        configuration (`clients`, `turn_timeout`, `max_samples`, `max_weight`)
+        is this policy's, not the header's: saved counts and weights must fit it.
+
+        Args:
+            header, arrays: as `state` returns them (the header possibly
+                through JSON).
+            now: the time, on the clock of the events to come.
+            restart_timers: False (the default): every timer resumes with the
+                time it had left at `state` (the time between `state` and this
+                call does not count). True: every training client, and the
+                open turn or round, gets a full `turn_timeout` from `now`.
+
+        Raises:
+            ValueError: what does not fit, named; the policy is unchanged.
+        """
+        fields = _read_state(self, header, arrays, now, restart_timers)
+        vars(self).update(fields)
+        self.changes += 1
 
     # -- bookkeeping -------------------------------------------------------------
 
@@ -446,3 +656,162 @@ class RoundPolicy:
     def __repr__(self) -> str:
         return (f"RoundPolicy(mode={self.mode!r}, round={self.round}/{self.rounds}, "
                 f"members={self.members}, training={list(self._started)})")
+
+
+def _shown(value) -> str:
+    """`value` for a message: an integer of any type as a plain number."""
+    return str(int(value)) if _is_integer(value) else repr(value)
+
+
+def _check_id(client_id) -> None:
+    try:
+        hash(client_id)
+    except TypeError:
+        raise RoundError(f"a client id must be hashable (a str or an int), received "
+                         f"{type(client_id).__name__} {client_id!r}.") from None
+
+
+def _read_state(policy: RoundPolicy, header, arrays, now: float, restart_timers: bool) -> dict:
+    """The attributes `RoundPolicy.restore` sets, from a header and arrays that
+    are checked here, all of them, before any is used."""
+
+    def refuse(what: str):
+        raise ValueError(f"Cannot restore the rounds from this checkpoint: {what}.")
+
+    def get(mapping, key, where="the header"):
+        if key not in mapping:
+            refuse(f"{where} has no {key!r}")
+        return mapping[key]
+
+    def integer(value, name, low, high):
+        if not _is_integer(value) or not low <= value <= high:
+            refuse(f"{name} is {value!r}, expected an integer in {low}..{high}")
+        return int(value)
+
+    def elapsed(value, name):
+        if (not isinstance(value, numbers.Real) or isinstance(value, bool)
+                or not 0 <= value < math.inf):
+            refuse(f"{name} is {value!r}, expected a non-negative number of seconds")
+        return now if restart_timers else now - float(value)
+
+    def ids(value, name, allowed=None):
+        if not isinstance(value, list) or not all(_is_id(c) for c in value):
+            refuse(f"{name} must be a list of client ids (str or int), received {value!r}")
+        if len(set(value)) != len(value):
+            refuse(f"{name} names a client twice: {value!r}")
+        if allowed is not None and not set(value) <= set(allowed):
+            refuse(f"{name} names clients that are not members: "
+                   f"{sorted(map(str, set(value) - set(allowed)))}")
+        return list(value)
+
+    def pairs(value, name):
+        if not isinstance(value, list) or not all(
+                isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+            refuse(f"{name} must be a list of [client_id, value] pairs, received {value!r}")
+        return [p[0] for p in value], [p[1] for p in value]
+
+    if not isinstance(header, dict):
+        refuse(f"the header is a {type(header).__name__}, not a dict")
+    if get(header, "format") != STATE_FORMAT:
+        refuse(f"its format is {header['format']!r}; this version reads format {STATE_FORMAT}")
+    if get(header, "mode") != policy.mode:
+        refuse(f"it holds {header['mode']!r} rounds, this coordinator runs {policy.mode!r}; "
+               f"restore it into one with mode={header['mode']!r}")
+    round_ = integer(get(header, "round"), "'round'", 1, policy.rounds + 1)
+    members = ids(get(header, "members"), "'members'")
+    history_ = get(header, "history")
+    if not isinstance(history_, list) or len(history_) not in (round_ - 1, round_):
+        refuse(f"'history' must list rounds 1..{round_ - 1} or 1..{round_} (the round is "
+               f"{round_}), received {history_!r}")
+    if len(history_) == round_ > policy.rounds:
+        refuse(f"it is in round {round_}, and this coordinator runs {policy.rounds} rounds; "
+               f"pass rounds >= {round_}")
+    history = []
+    for number, entry in enumerate(history_, start=1):
+        where = f"'history' entry {number}"
+        if not isinstance(entry, dict) or get(entry, "round", where) != number:
+            refuse(f"{where} must be a dict with 'round': {number}, received {entry!r}")
+        trained = ids(get(entry, "trained", where), f"{where}: 'trained'", members)
+        dropped = ids(get(entry, "dropped", where), f"{where}: 'dropped'", members)
+        if set(trained) & set(dropped):
+            refuse(f"{where} has clients both trained and dropped: {trained} and {dropped}")
+        history.append(RoundRecord(number, trained, dropped))
+    # A run saved finished (no record for its round yet) and extended by this
+    # policy's larger `rounds` starts the new round with an empty record.
+    current = history[-1] if len(history) == round_ else RoundRecord(round_)
+    fresh = len(history) < round_
+    if fresh and round_ <= policy.rounds:
+        history.append(current)
+
+    reporters, counts = pairs(get(header, "reports"), "'reports'")
+    if reporters != current.trained:
+        refuse(f"'reports' names {reporters}, but round {round_} was trained by "
+               f"{current.trained}")
+    counts = [integer(n, f"the sample count of {c!r}", 1, policy.max_samples)
+              for c, n in zip(reporters, counts, strict=True)]
+    trainers, times = pairs(get(header, "training"), "'training'")
+    ids(trainers, "'training'", members)
+    busy = set(trainers) & (set(current.trained) | set(current.dropped))
+    if busy:
+        refuse(f"{sorted(map(str, busy))} are training and also reported or dropped in round "
+               f"{round_}")
+    started = {c: elapsed(t, f"the training time of {c!r}")
+               for c, t in zip(trainers, times, strict=True)}
+    if (fresh or round_ > policy.rounds) and (started or current.dropped):
+        refuse(f"round {round_} has events, but no record")
+    opened = get(header, "opened")
+    opened = None if opened is None else elapsed(opened, "'opened'")
+    if opened is None and (round_ > 1 or started or current.trained or current.dropped):
+        refuse("'opened' is None, but the first round has started")
+    if opened is None and len(members) >= policy.expected:
+        opened = now  # this policy waits for fewer clients: the first round opens now
+
+    turn = integer(get(header, "turn"), "'turn'", 0, max(len(members) - 1, 0))
+    finished = round_ > policy.rounds
+    if policy.mode == "round_robin" and not finished and members:
+        # Turns go in member order: the members before `turn` have had theirs.
+        done = set(current.trained) | set(current.dropped)
+        if done != set(members[:turn]) or not set(started) <= {members[turn]}:
+            refuse(f"turn {turn} of {members} does not fit round {round_}: trained "
+                   f"{current.trained}, dropped {current.dropped}, training {list(started)}")
+    if policy.mode == "splitfed":
+        if turn != 0:
+            refuse(f"'turn' is {turn}; SplitFed has no turn order (0)")
+        waiting = [m for m in members if m not in started and m not in current.trained
+                   and m not in current.dropped]
+        if not finished and opened is not None and members and not started and not waiting:
+            refuse(f"round {round_} has no client left to train or report, so it should "
+                   f"have ended")
+
+    if not isinstance(arrays, dict):
+        refuse(f"the arrays are a {type(arrays).__name__}, not a dict")
+    want = {f"weights/{i}" for i in range(len(policy.weights))}
+    if policy.mode == "splitfed":
+        want |= {f"reports/{k}/{i}" for k in range(len(reporters))
+                 for i in range(len(policy.weights))}
+    if set(arrays) != want:
+        refuse(f"the arrays are {sorted(arrays)}, expected {sorted(want)}")
+
+    def weights(prefix):
+        values = []
+        for i, like in enumerate(policy.weights):
+            key = f"{prefix}/{i}"
+            value = arrays[key]
+            if not isinstance(value, np.ndarray) or value.dtype != like.dtype or (
+                    value.shape != like.shape):
+                refuse(f"array {key!r} is {getattr(value, 'dtype', type(value).__name__)} "
+                       f"{getattr(value, 'shape', '')}, the client half has {like.dtype} "
+                       f"{like.shape}")
+            problem = policy._value_problem(value)
+            if problem:
+                refuse(f"array {key!r} has {problem}")
+            values.append(np.array(value))
+        return values
+
+    return {
+        "round": round_, "members": members, "history": history, "_turn": turn,
+        "_started": started, "_counts": dict(zip(reporters, counts, strict=True)),
+        "_reports": ({c: weights(f"reports/{k}") for k, c in enumerate(reporters)}
+                     if policy.mode == "splitfed" else {}),
+        "_opened": opened, "_ended": [], "weights": weights("weights"),
+    }

@@ -25,6 +25,18 @@ go on, and its late report is refused. Clients are known by their client id
 (token or certificate), so one that restarts with a new session rejoins from
 the next turn or round. Every report is checked before it is taken (see the
 policy); one that fails is refused with `RoundError` and changes nothing.
+
+No call a client can make derails the rounds: whatever it sends, the only
+exception out of `turn`, `report`, `fail` and `join` is `RoundError` (which
+the server turns into a gRPC status), and a round always ends once
+`turn_timeout` has passed, even if every client vanishes: every `turn` call
+(and `expire`, which a server may call from a timer) drops whoever ran out of
+time.
+
+The coordinator survives a server restart: `state()` gives its whole state as a
+JSON-able header and arrays for the server's checkpoint, and `restore(header,
+arrays)` reads them back into a fresh coordinator, which carries on as if it
+had never stopped.
 """
 
 from __future__ import annotations
@@ -34,9 +46,11 @@ import time
 from collections.abc import Callable
 
 import keras
+import numpy as np
 
 from keras_split.configurations.policy import (
     DEFAULT_MAX_SAMPLES,
+    DEFAULT_MAX_WEIGHT,
     RoundError,
     RoundPolicy,
     RoundRecord,
@@ -77,7 +91,9 @@ class PerClientRole:
             return role.handle(message)
 
     def average(self, counts: dict[str, int]) -> None:
-        weights = fedavg([self.copies[c][0].model.get_weights() for c in counts],
+        # A client that reported without a step (or whose copy was lost in a
+        # server restart) trained nothing here: its copy is the round's start.
+        weights = fedavg([self._copy(c)[0].model.get_weights() for c in counts],
                          list(counts.values()))
         self.model.set_weights(weights)
         for role, _ in self.copies.values():
@@ -112,6 +128,8 @@ class RoundCoordinator:
         server: for SFLv1, the server's `PerClientRole`, averaged each round
             like the client halves; SplitFed is SFLv2 without it.
         max_samples: the largest sample count a report may give.
+        max_weight: the largest magnitude a reported float weight may have
+            (None: no bound); see the policy.
         clock: the time in seconds (monotonic); tests and simulations pass
             their own.
     """
@@ -119,10 +137,12 @@ class RoundCoordinator:
     def __init__(self, weights, mode: str = "round_robin", rounds: int = 1, clients: int = 2,
                  turn_timeout: float = 60.0, poll: float = 5.0, server=None,
                  max_samples: int = DEFAULT_MAX_SAMPLES,
+                 max_weight: float | None = DEFAULT_MAX_WEIGHT,
                  clock: Callable[[], float] = time.monotonic):
         if server is not None and mode != "splitfed":
             raise ValueError("`server` (per-client server copies) applies to SplitFed only.")
-        self.policy = RoundPolicy(weights, mode, rounds, clients, turn_timeout, max_samples)
+        self.policy = RoundPolicy(weights, mode, rounds, clients, turn_timeout, max_samples,
+                                  max_weight)
         self.server, self.poll, self.clock = server, poll, clock
         self._lock = threading.Condition()
 
@@ -132,6 +152,7 @@ class RoundCoordinator:
     expected = property(lambda self: self.policy.expected)
     turn_timeout = property(lambda self: self.policy.turn_timeout)
     max_samples = property(lambda self: self.policy.max_samples)
+    max_weight = property(lambda self: self.policy.max_weight)
     round = property(lambda self: self.policy.round)
     weights = property(lambda self: self.policy.weights)
     members = property(lambda self: self.policy.members)
@@ -146,9 +167,10 @@ class RoundCoordinator:
         with self._lock:
             return self._apply(self.policy.join, client_id, self.clock())
 
-    def turn(self, client_id: str, ready_for: int):
-        """(go, round, weights, finished) for `client_id`, waiting up to `poll` s."""
-        deadline = self.clock() + self.poll
+    def turn(self, client_id: str, ready_for: int, wait: float | None = None):
+        """(go, round, weights, finished) for `client_id`, waiting up to `wait`
+        seconds (`poll` by default; 0 answers at once) for it to go."""
+        deadline = self.clock() + (self.poll if wait is None else wait)
         with self._lock:
             while True:
                 decision = self._apply(self.policy.turn, client_id, ready_for, self.clock())
@@ -177,6 +199,63 @@ class RoundCoordinator:
         after `turn_timeout`. Raises `RoundError` if it is not training."""
         with self._lock:
             self._apply(self.policy.fail, client_id, self.clock())
+
+    def expire(self) -> list:
+        """Drop whoever ran out of time (see `RoundPolicy.expire`); returns them.
+
+        Every `turn` call does this; a server that calls it from a timer ends
+        rounds on time even while no client asks for a turn.
+        """
+        with self._lock:
+            return self._apply(self.policy.expire, self.clock())
+
+    # -- checkpoints ---------------------------------------------------------------
+
+    def state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """The coordinator's whole state, for the server's checkpoint.
+
+        Store the header under one key of the checkpoint header (it is JSON-able:
+        str, int, float, None, lists and dicts) and the arrays under a prefix
+        (their names are "weights/<i>" and "reports/<k>/<i>"); `restore` takes
+        them back as they were, prefix removed. It changes nothing (it does not
+        expire anyone) and can be called at any time, from any thread.
+
+        Returns:
+            `(header, arrays)`, as `RoundPolicy.state` documents them field by
+            field: the configuration (to check a restore against), the round,
+            the members in turn order, the turn index, who is training and for
+            how long, whose reports (with sample counts) were taken in the round
+            and who was dropped, the history; and copies of the round's weights
+            and of the pending SplitFed reports' weights. Times are seconds
+            elapsed at the time of the call, on `clock`.
+
+            Not in it: SFLv1's per-client server copies (`PerClientRole`
+            checkpoints only the averaged server half): after a restart, a
+            client's copy restarts from the server half of the round's start.
+        """
+        with self._lock:
+            return self.policy.state(self.clock())
+
+    def restore(self, header: dict, arrays: dict[str, np.ndarray],
+                restart_timers: bool = False) -> None:
+        """Replace the whole state with one `state` gave, after checking it all.
+
+        Meant for a fresh coordinator built with the configuration of the one
+        that saved (same `mode` and client half; `rounds` may be larger, to
+        extend a run). Waiting `turn` calls are woken.
+
+        Times: by default every timer resumes with the time it had left when
+        `state` was called (the time the server was down does not count against
+        anyone); with `restart_timers=True` every training client, and the turn
+        or round waiting to be claimed, gets a full `turn_timeout` from now.
+
+        Raises:
+            ValueError: the header or arrays do not fit this coordinator's
+                configuration or are inconsistent (the message says which
+                field); nothing is changed.
+        """
+        with self._lock:
+            self._apply(self.policy.restore, header, arrays, self.clock(), restart_timers)
 
     # -- under the lock ------------------------------------------------------------
 
