@@ -393,3 +393,43 @@ def test_random_bytes_never_get_unknown_or_change_state(served, method, body):
         assert error.code() not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL), \
             (error.code(), error.details())
     assert _state(server) == before
+
+
+def test_a_restarted_server_resumes_its_rounds(tmp_path):
+    from keras_split.configurations.rounds import RoundCoordinator
+
+    def coordinator():
+        return RoundCoordinator([np.zeros((2, 2), "float32")], mode="splitfed", rounds=3,
+                                clients=2, turn_timeout=30, poll=0.2)
+
+    server = _serve(coordinator=coordinator(), checkpoint_dir=tmp_path)
+    peers = [Peer(server, "token-1"), Peer(server, "token-2")]
+    for peer in peers:
+        peer.open()
+    replies = [peer.call("Turn", pb.TurnRequest(session_id=peer.session, round=1))
+               for peer in peers]
+    for peer, reply in zip(peers, replies, strict=True):
+        while not reply.go:
+            reply = peer.call("Turn", pb.TurnRequest(session_id=peer.session, round=1))
+    for peer, value, samples in [(peers[0], 1.0, 10), (peers[1], 3.0, 30)]:
+        peer.call("Report", pb.ReportRequest(session_id=peer.session, round=1, samples=samples,
+                                             weights=[wire.encode(np.full((2, 2), value,
+                                                                          "float32"))]))
+    for peer in peers:
+        peer.close()
+    server.stop()
+    # A new process would build the same coordinator from its command line.
+    again = coordinator()
+    restarted = _serve(coordinator=again, checkpoint_dir=tmp_path)
+    try:
+        assert again.round == 2
+        np.testing.assert_allclose(again.weights[0], np.full((2, 2), 2.5))
+        assert [r.trained for r in again.history][0] == ["client-1", "client-2"]
+        # The clients' sessions came back too: they carry on in round 2.
+        peer = Peer(restarted, "token-1")
+        peer.session = peers[0].session
+        reply = peer.call("Turn", pb.TurnRequest(session_id=peer.session, round=2))
+        assert reply.round == 2
+        peer.close()
+    finally:
+        restarted.stop()

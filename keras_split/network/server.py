@@ -337,13 +337,20 @@ class SplitServer:
         self._thread.join()
 
     async def _expire_sessions(self) -> None:
+        """Expire idle sessions, and end turns and rounds that timed out even when
+        no client is asking (every client of a round may be gone)."""
         timeout = self.sessions.idle_timeout
-        if timeout is None:
-            return
+        period = 60.0 if timeout is None else min(60.0, max(timeout / 4, 0.05))
+        if self.coordinator is not None:
+            period = min(period, max(self.coordinator.turn_timeout / 4, 0.05))
         while True:
-            await asyncio.sleep(min(60.0, max(timeout / 4, 0.05)))
+            await asyncio.sleep(period)
             for session_id in self.sessions.expire():
                 self._forget(session_id, "idle")
+            if self.coordinator is not None:
+                for client_id in self.coordinator.expire():
+                    logger.info("event=client.dropped client=%s round=%d reason=timeout",
+                                client_id, self.coordinator.round)
 
     def _forget(self, session_id: str, why: str) -> None:
         logger.info("event=session.expired session=%s reason=%s", _short(session_id), why)
@@ -466,6 +473,10 @@ class SplitServer:
             _refuse(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
         for gone in expired:
             self._forget(gone, "idle")
+        if self._store is not None:
+            # A session outlives a restart even before its first step (a client
+            # in rounds may only ask for turns for a while).
+            await self._in_worker(self._store.put, session_id, session.header(), b"")
         logger.info("event=session.opened client=%s session=%s codec=%s", client_id,
                     _short(session_id), codec.spec)
         return pb.OpenReply(session_id=session_id, protocol_version=wire.PROTOCOL_VERSION,
@@ -673,7 +684,7 @@ class SplitServer:
             session_id, session = self._last_stepped
             header["last_session"] = {"id": session_id, **session.header()}
             arrays["last_session/reply"] = np.frombuffer(self._blob(session), np.uint8)
-        if self.coordinator is not None and hasattr(self.coordinator, "state"):
+        if self.coordinator is not None:
             rounds_header, rounds_arrays = self.coordinator.state()
             header["rounds"] = rounds_header
             arrays.update({f"rounds/{k}": v for k, v in rounds_arrays.items()})
