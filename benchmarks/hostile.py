@@ -13,7 +13,10 @@ an accuracy metric):
    token: server samples/s and p50/p99 step latency, against one client alone
    in the same run;
 4. stalls: the time of an honest Open while 64 unauthenticated and 64
-   authenticated calls sit open without sending their message.
+   authenticated calls sit open without sending their message;
+5. turns: an honest step's latency while 6 SplitFed clients wait for a turn;
+6. checkpoints: an honest step's latency, with a checkpoint folder, when 1 and
+   when 200 other sessions hold a cached reply.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import tempfile
 import threading
 import time
 import tracemalloc
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -106,7 +111,7 @@ def malformed(port, server):
         "wrong dtype": peer.request(x.astype("float64"), y),
         "wrong shape": peer.request(np.ones((BATCH, 63), "float32"), y),
     }
-    for name, field, value in [("NaN activation", "data", None), ("stale step", "step", 1),
+    for name, field, value in [("NaN activation", "data", None), ("stale step", "step", 0),
                                ("skipped step", "step", 9), ("unknown mode", "mode", "x"),
                                ("unknown codec", "codec", "zip"), ("other session", "session",
                                                                    "0" * 32)]:
@@ -229,6 +234,71 @@ def stalls():
     server.stop(grace=0)
 
 
+def median_step(peer, steps=30):
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        peer.train()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def turns():
+    from keras_split.configurations.rounds import RoundCoordinator
+
+    tokens = {f"t{i}": f"client-{i}" for i in range(8)}
+    coordinator = RoundCoordinator([np.zeros(4, "float32")], mode="splitfed", rounds=1,
+                                   clients=8, turn_timeout=600, poll=5.0)
+    server = serve(tokens, coordinator=coordinator, max_workers=4)
+    honest = Peer(server.port, "t7")
+    honest.open()
+    honest.train()
+    alone = median_step(honest)
+    waiting, stop = [], threading.Event()
+
+    def wait_for_turn(peer):
+        while not stop.is_set():
+            try:
+                peer.call("Turn", pb.TurnRequest(session_id=peer.session, round=1),
+                          pb.TurnReply)
+            except grpc.RpcError:
+                return  # the server stopped at the end of the measurement
+
+    for i in range(6):
+        peer = Peer(server.port, f"t{i}")
+        peer.open()
+        thread = threading.Thread(target=wait_for_turn, args=(peer,), daemon=True)
+        thread.start()
+        waiting.append((peer, thread))
+    time.sleep(1.0)
+    busy = median_step(honest)
+    print(f"turns: honest step p50 {alone:.1f} ms alone, {busy:.1f} ms while 6 SplitFed "
+          "clients wait for their turn")
+    stop.set()
+    server.stop(grace=0)
+
+
+def checkpoints(folder):
+    results = {}
+    for others in (1, 200):
+        tokens = {f"t{i}": f"client-{i}" for i in range(others + 1)}
+        server = serve(tokens, checkpoint_dir=Path(folder) / str(others))
+        for i in range(1, others + 1):
+            peer = Peer(server.port, f"t{i}")
+            peer.open()
+            peer.train()  # a cached reply per session
+            peer.channel.close()
+        honest = Peer(server.port, "t0")
+        honest.open()
+        honest.train()
+        results[others] = (median_step(honest),
+                           (Path(folder) / str(others) / "server.ckpt").stat().st_size)
+        server.stop()
+    for others, (ms, size) in results.items():
+        print(f"checkpoints: {others:>3} other sessions: honest step p50 {ms:.1f} ms, "
+              f"server.ckpt {size:,} bytes")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=2000)
@@ -241,6 +311,9 @@ def main():
     sessions(args.sessions)
     concurrent(args.clients, args.steps)
     stalls()
+    turns()
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoints(folder)
 
 
 if __name__ == "__main__":
