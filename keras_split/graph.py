@@ -75,6 +75,18 @@ class Graph:
             stack.extend(call.parents)
         return seen
 
+    def descendants(self, tensors) -> set[int]:
+        """ids of every call that reads `tensors`, directly or through other calls."""
+        seen: set[int] = set()
+        stack = [c for t in tensors for c in self.consumers.get(tensor_key(t), [])]
+        while stack:
+            call = stack.pop()
+            if id(call) in seen:
+                continue
+            seen.add(id(call))
+            stack.extend(c for t in call.outputs for c in self.consumers.get(tensor_key(t), []))
+        return seen
+
 
 def read_graph(model) -> Graph:
     """Return the calls of `model` in topological order."""

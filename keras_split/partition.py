@@ -112,7 +112,7 @@ def _resolve_cut(model, graph: Graph, cut) -> list[Call]:
 
 def _first_candidate_hint(model, graph: Graph) -> str:
     for call in graph.calls:
-        if not call.is_input and _problem(graph, [call]) is None:
+        if not call.is_input and _problem(graph, [call], suggest=False) is None:
             return f"cut={call.name!r}"
     return "a layer after the inputs"
 
@@ -127,8 +127,13 @@ def _sides(graph: Graph, cut_calls: list[Call]) -> tuple[set[int], list[Call]]:
     return client, server
 
 
-def _problem(graph: Graph, cut_calls: list[Call]) -> str | None:
-    """Why `cut_calls` is not a valid cut, or None when it is."""
+def _problem(graph: Graph, cut_calls: list[Call], suggest: bool = True) -> str | None:
+    """Why `cut_calls` is not a valid cut, or None when it is.
+
+    With `suggest`, a skip connection's message names the next valid cut
+    downstream; that search asks this function again with `suggest=False`, so
+    the two never call each other forever (parallel branches, as in a ResNet
+    block with a projection shortcut, each bypass the other)."""
     client, server = _sides(graph, cut_calls)
     cut_keys = {tensor_key(t) for t in _cut_tensors(cut_calls)}
     names = [c.name for c in cut_calls]
@@ -171,7 +176,7 @@ def _problem(graph: Graph, cut_calls: list[Call]) -> str | None:
     if crossing:
         _, producer, reader = crossing[0]
         needed = list(dict.fromkeys(names + [p.name for _, p, _ in crossing]))
-        later = _next_single_cut(graph, cut_calls, server)
+        later = _next_single_cut(graph, cut_calls, server) if suggest else None
         fix = f"Cut after {later!r} instead, or pass" if later else "Pass"
         return (
             f"Cut at {shown} does not separate the graph: layer {reader.name!r} (after the "
@@ -196,10 +201,13 @@ def _problem(graph: Graph, cut_calls: list[Call]) -> str | None:
 
 def _next_single_cut(graph: Graph, cut_calls, server) -> str | None:
     """The first single-layer cut downstream of the given one, if any."""
+    downstream = graph.descendants(_cut_tensors(cut_calls))
+    outputs = _output_keys(graph)
     for call in server:
-        if call.is_input or any(tensor_key(t) in _output_keys(graph) for t in call.outputs):
+        if (call.is_input or id(call) not in downstream
+                or any(tensor_key(t) in outputs for t in call.outputs)):
             continue
-        if _problem(graph, [call]) is None:
+        if _problem(graph, [call], suggest=False) is None:
             return call.name
     return None
 
@@ -293,7 +301,8 @@ def cut_candidates(model) -> list[CutCandidate]:
     for call in graph.calls:
         if call.is_input or any(tensor_key(t) in out_keys for t in call.outputs):
             continue
-        if len(graph.calls_of(call.layer)) != 1 or _problem(graph, [call]) is not None:
+        if (len(graph.calls_of(call.layer)) != 1
+                or _problem(graph, [call], suggest=False) is not None):
             continue
         client, _ = _sides(graph, [call])
         client_calls = [c for c in graph.calls if id(c) in client]

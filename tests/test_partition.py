@@ -232,3 +232,24 @@ def test_hand_written_halves():
     assert split.bytes_per_sample == 12
     x = np.ones((2, 4), "float32")
     np.testing.assert_allclose(split.merge()(x), server(client(x)), atol=1e-6)
+
+
+def test_parallel_branches_do_not_send_the_partitioner_into_recursion():
+    # Six layers reproduce a ResNet block with a projection shortcut: two
+    # branches from one stem, joined by Add. Each branch bypasses the other, and
+    # the error hint's search for a later cut used to ask about the other
+    # branch, which asked about the first, forever (RecursionError).
+    x = keras.Input((4,), name="x")
+    stem = keras.layers.Dense(4, name="stem")(x)
+    a = keras.layers.Dense(4, name="a")(stem)
+    b = keras.layers.Dense(4, name="b")(stem)
+    out = keras.layers.Dense(2, name="out")(keras.layers.Add(name="add")([a, b]))
+    model = keras.Model(x, out)
+    assert [c.layer for c in keras_split.cut_candidates(model)] == ["stem", "add"]
+    for cut, other in [("a", "b"), ("b", "a")]:
+        with pytest.raises(ValueError, match=rf"layer '{other}' .* reads 'stem' .* Cut after "
+                                             rf"'add' instead, or pass cut=\['{cut}', 'stem'\]"):
+            keras_split.split(model, cut)
+        # Both suggestions are valid cuts.
+        keras_split.split(model, "add")
+        keras_split.split(model, [cut, "stem"])
