@@ -32,6 +32,17 @@ from keras_split_wire import codecs
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # `keras_split.privacy` (defences on top of the core) is imported on first
+    # use, so `import keras_split` does not load it.
+    if name == "privacy":
+        import importlib
+
+        return importlib.import_module("keras_split.privacy")
+    raise AttributeError(f"module 'keras_split' has no attribute {name!r}")
+
+
 __all__ = [
     "Activations",
     "ByteCounter",
@@ -59,6 +70,7 @@ __all__ = [
     "cut_candidates",
     "datasets",
     "fedavg",
+    "privacy",
     "sharding",
     "split",
     "split_chain",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, runtime_checkable
 
 import keras
@@ -63,6 +63,10 @@ class ClientStep:
     regularization: tf.Tensor
     used: bool = field(default=False)
     inputs: list | None = None  # watched inputs, when their gradient is wanted
+    # The scalar the backward pass differentiates with seed 1: the
+    # regularization plus the role's extra objective (None: the regularization).
+    own_loss: tf.Tensor | None = None
+    logs: dict = field(default_factory=dict)  # the objective's own logs for this batch
 
 
 class ClientRole:
@@ -79,15 +83,40 @@ class ClientRole:
       clients feeding one server, pipelining). Keeping a tape across two
       compiled calls costs more per step (TensorFlow runs the recorded
       function's backward eagerly).
+
+    An optional `objective(inputs, activations) -> scalar` is a term of the
+    client's own loss that only the client can compute (NoPeek's distance
+    correlation between its raw batch and its cut, say). Its gradient joins the
+    same backward pass as the server's cut gradient: the tape differentiates
+    the activations with the cut gradients as seeds and the regularization
+    plus the objective with seed 1. The server is unaware of it and nothing
+    extra crosses the wire. It is not added to the reported loss. The
+    objective may return `(scalar, logs)` instead, a dict of scalars named in
+    its `log_names`; `step` adds them to the reply's logs (the training loops
+    report their running means beside the server's).
+
+    Args:
+        model: the client half.
+        optimizer: the client's optimizer (copied: the role owns its state).
+        objective: None, or a callable as above, e.g.
+            `keras_split.privacy.NoPeek(alpha=1.0)`.
     """
 
-    def __init__(self, model: keras.Model, optimizer=None):
+    def __init__(self, model: keras.Model, optimizer=None, objective=None):
+        if objective is not None and not callable(objective):
+            raise TypeError(
+                "`objective` must be None or a callable `objective(inputs, activations)` "
+                "returning a scalar (such as keras_split.privacy.NoPeek(alpha=1.0)); "
+                f"received {type(objective).__name__}.")
         self.model = model
+        self.objective = objective
+        self.log_names: tuple[str, ...] = tuple(getattr(objective, "log_names", ()))
         self.optimizer = copy_optimizer(optimizer) if optimizer is not None else None
         self._forward_train = tf.function(self._forward_fn, reduce_retracing=True)
         self._forward_infer = tf.function(
             lambda x: self._forward_fn(x, training=False), reduce_retracing=True
         )
+        self._forward_objective = tf.function(self._forward_objective_fn, reduce_retracing=True)
         self._apply = tf.function(self._apply_fn, reduce_retracing=True)
         self._step = tf.function(self._step_fn, reduce_retracing=True)
         # Sends waiting for their compiled step to reach the cut, by step key.
@@ -103,26 +132,43 @@ class ClientRole:
         regularization = tf.add_n(losses) if losses else tf.zeros(())
         return activations, regularization
 
+    def _objective_fn(self, x, activations, regularization):
+        """The regularization plus the objective (the scalar seeded with 1), and its logs."""
+        result = self.objective(x, activations)
+        value, logs = result if isinstance(result, tuple) else (result, {})
+        value = tf.convert_to_tensor(value)
+        if value.shape.rank != 0:
+            raise ValueError(f"The client's `objective` must return a scalar; it returned a "
+                             f"tensor of shape {tuple(value.shape)}.")
+        return regularization + tf.cast(value, regularization.dtype), dict(logs)
+
+    def _forward_objective_fn(self, x):
+        activations, regularization = self._forward_fn(x)
+        own_loss, logs = self._objective_fn(x, activations, regularization)
+        return activations, regularization, own_loss, logs
+
     def _apply_fn(self, gradients):
         self.optimizer.apply(gradients, self.model.trainable_variables)
 
-    def _variable_gradients(self, tape, activations, regularization, cut_gradients):
-        targets = list(activations) + [regularization]
+    def _variable_gradients(self, tape, activations, own_loss, cut_gradients):
+        targets = list(activations) + [own_loss]
         seeds = list(cut_gradients) + [tf.ones(())]
         return tape.gradient(targets, self.model.trainable_variables, output_gradients=seeds)
 
     def _step_fn(self, key, x):
+        logs: dict = {}
         with tf.GradientTape() as tape:
             activations, regularization = self._forward_fn(x)
+            own_loss = regularization
+            if self.objective is not None:
+                own_loss, logs = self._objective_fn(x, activations, regularization)
         cut_gradients = tf.py_function(
             self._deliver, [key, *activations], Tout=[a.dtype for a in activations]
         )
         for gradient, activation in zip(cut_gradients, activations, strict=True):
             gradient.set_shape(activation.shape)
-        self._apply_fn(
-            self._variable_gradients(tape, activations, regularization, cut_gradients)
-        )
-        return regularization
+        self._apply_fn(self._variable_gradients(tape, activations, own_loss, cut_gradients))
+        return regularization, logs
 
     def _deliver(self, key, *activations):
         send = self._sends[int(key)]
@@ -146,7 +192,8 @@ class ClientRole:
     def step(self, x, send: Callable) -> tuple[Reply, float]:
         """One compiled training step; `send(activations) -> Reply` runs at the cut.
 
-        Returns the server's reply and the client's regularization loss.
+        Returns the server's reply and the client's regularization loss. The
+        reply's logs also hold the objective's logs for this batch, if any.
 
         When the client's own activations are not finite (its half diverged),
         nothing is sent (a server refuses them) and nothing is updated; the
@@ -173,7 +220,7 @@ class ClientRole:
 
         self._sends[key] = deliver
         try:
-            regularization = self._step(tf.constant(key, tf.int64), x)
+            regularization, logs = self._step(tf.constant(key, tf.int64), x)
         except tf.errors.OpError:
             if outcome.get("diverged"):
                 return Reply(step=-1, logs={"loss": float("nan")}), float("nan")
@@ -182,7 +229,11 @@ class ClientRole:
             raise
         finally:
             del self._sends[key]
-        return outcome["reply"], float(regularization)
+        reply = outcome["reply"]
+        if logs:
+            reply = replace(
+                reply, logs={**reply.logs, **{k: float(v) for k, v in logs.items()}})
+        return reply, float(regularization)
 
     def forward(self, x, input_gradients: bool = False) -> ClientStep:
         """Training forward pass: run the client half under a gradient tape.
@@ -197,12 +248,17 @@ class ClientRole:
         # The compiled forward is recorded on the tape as one call; TensorFlow
         # keeps what its backward needs, so backward() does not recompute it
         # (Dropout masks and BatchNorm updates happen exactly once).
+        logs: dict = {}
         with tf.GradientTape() as tape:
             if inputs is not None:
                 tape.watch(inputs)
-            activations, regularization = self._forward_train(x)
+            if self.objective is None:
+                activations, regularization = self._forward_train(x)
+                own_loss = regularization
+            else:
+                activations, regularization, own_loss, logs = self._forward_objective(x)
         return ClientStep(tape=tape, activations=activations, regularization=regularization,
-                          inputs=inputs)
+                          inputs=inputs, own_loss=own_loss, logs=logs)
 
     def infer(self, x) -> tuple[tuple, tf.Tensor]:
         """Inference forward pass (no tape, `training=False`).
@@ -236,16 +292,16 @@ class ClientRole:
                         "NaN or Inf; expected finite values. Nothing was updated.")
         step.used = True
         seeds = [tf.convert_to_tensor(g) for g in gradients]
+        own_loss = step.regularization if step.own_loss is None else step.own_loss
         if step.inputs is None:
-            grads = self._variable_gradients(step.tape, step.activations, step.regularization,
-                                             seeds)
+            grads = self._variable_gradients(step.tape, step.activations, own_loss, seeds)
             if finite:
                 _refuse_unless_representable(grads, "its weight gradients")
             self._apply(grads)
             return None
         variables = self.model.trainable_variables
         grads = step.tape.gradient(
-            list(step.activations) + [step.regularization], list(variables) + step.inputs,
+            list(step.activations) + [own_loss], list(variables) + step.inputs,
             output_gradients=seeds + [tf.ones(())])
         if finite:
             _refuse_unless_representable(grads, "its weight and input gradients")

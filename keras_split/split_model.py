@@ -161,7 +161,7 @@ class SplitModel(trainer.LoopOwner):
 
     def compile(self, optimizer="rmsprop", loss=None, metrics=None, loss_weights=None,
                 client_optimizer=None, server_optimizer=None, transport=None,
-                compression=None):
+                compression=None, nopeek=None):
         """Configure both parties for training.
 
         Args:
@@ -176,6 +176,12 @@ class SplitModel(trainer.LoopOwner):
                 (None, "float16", "bfloat16", "int8", "topk", "topk:0.05", see
                 `keras_split_wire.codecs`): the same encoding as on the network, to
                 measure its effect on accuracy and bytes.
+            nopeek: a `keras_split.privacy.NoPeek(alpha)`: the client also
+                minimises `alpha * dCor(x, cut)`, the distance correlation
+                between its raw batch and the activations it sends. The server
+                is unaware of it; `fit` reports the batches' dCor as
+                `nopeek_dcor` (not in `loss`). More generally any client
+                objective `f(inputs, activations) -> scalar` (see `ClientRole`).
         """
         codec = codecs.get(compression)
         if loss is None and transport is None:
@@ -197,7 +203,8 @@ class SplitModel(trainer.LoopOwner):
                 "`client_optimizer` and `server_optimizer` are the same object; each side "
                 "needs its own optimizer state. Pass two instances, or one `optimizer`."
             )
-        self.client_role = ClientRole(self.client, client_optimizer or optimizer)
+        self.client_role = ClientRole(self.client, client_optimizer or optimizer,
+                                      objective=nopeek)
         self.client_role.build()
         if transport is None:
             self.server_role = ServerRole(

@@ -26,20 +26,34 @@ class ClientLoss:
     The server's running loss covers the data loss and its own layers'
     regularization; adding this mean gives the loss `keras.Model.fit` reports
     (a mean of sums equals the sum of the means under the same weights).
+
+    `names` are logs the client itself reports per batch (its role's
+    `log_names`, e.g. NoPeek's `nopeek_dcor`): `into` replaces each with its
+    running mean, as the server's logs are running means.
     """
 
-    def __init__(self):
+    def __init__(self, names=()):
         self.total = 0.0
         self.count = 0
+        self.names = tuple(names)
+        self.totals: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
 
-    def add(self, value: float, x) -> None:
+    def add(self, value: float, x, logs=None) -> None:
         n = int(np.shape(keras.tree.flatten(x)[0])[0])
         self.total += value * n
         self.count += n
+        for name in self.names:
+            if logs and name in logs:
+                self.totals[name] = self.totals.get(name, 0.0) + logs[name] * n
+                self.counts[name] = self.counts.get(name, 0) + n
 
     def into(self, logs: dict) -> dict:
         if self.count and "loss" in logs:
             logs["loss"] = logs["loss"] + self.total / self.count
+        for name, count in self.counts.items():
+            if name in logs:
+                logs[name] = self.totals[name] / count
         return logs
 
 
@@ -134,7 +148,7 @@ def fit(owner, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callba
         callback_list.on_epoch_begin(epoch)
         up0, down0 = transport.bytes.snapshot()
         logs = {}
-        client_loss = ClientLoss()
+        client_loss = ClientLoss(getattr(owner.client_role, "log_names", ()))
         rng_state = batches.get_state()  # before the epoch draws its order
         for index, (bx, by, bw) in enumerate(batches):
             if index < skip:
@@ -150,7 +164,7 @@ def fit(owner, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callba
             )
             owner._after_train_step({"epoch": epoch, "batch": index + 1, "rng": rng_state,
                                      "fingerprint": fingerprint})
-            client_loss.add(regularization, bx)
+            client_loss.add(regularization, bx, reply.logs)
             logs = client_loss.into(dict(reply.logs))
             callback_list.on_train_batch_end(index, logs)
             if owner.stop_training:
@@ -272,7 +286,8 @@ class LoopOwner:
     def export_client(self, path, format=None, optimizer=None):
         """Export the client half for on-device training (see
         `keras_split.export.export_client`). The device's optimizer defaults to a
-        fresh copy of this client's compiled optimizer."""
+        fresh copy of this client's compiled optimizer; the client's own
+        objective (NoPeek) goes with it."""
         from keras_split.export import export_client
 
         if optimizer is None:
@@ -280,7 +295,8 @@ class LoopOwner:
                 raise ValueError("Pass `optimizer=` (SGD or Adam), or compile() first so the "
                                  "client's optimizer can be used on the device.")
             optimizer = type(self.optimizer).from_config(self.optimizer.get_config())
-        return export_client(self.client, path, format=format, optimizer=optimizer)
+        return export_client(self.client, path, format=format, optimizer=optimizer,
+                             objective=getattr(self.client_role, "objective", None))
 
     # Hooks for parties that checkpoint (see `SplitClient`); no-ops here.
 

@@ -253,7 +253,7 @@ class SplitChain(trainer.LoopOwner):
         return [layer for segment in self.segments for layer in segment.layers]
 
     def compile(self, optimizer="rmsprop", loss=None, metrics=None, loss_weights=None,
-                labels: str = "server", transports=None):
+                labels: str = "server", transports=None, nopeek=None):
         """Configure every party, in process.
 
         Args:
@@ -264,6 +264,10 @@ class SplitChain(trainer.LoopOwner):
                 last segments and the labels never leave it).
             transports: optional wrappers, `transports[i](transport)` for hop i
                 (to observe or record what crosses; tests use it).
+            nopeek: a `keras_split.privacy.NoPeek(alpha)` for the first party
+                (the data holder): it also minimises the distance correlation
+                between its raw batch and the activations of the first cut.
+                The other parties are unaware of it.
         """
         if loss is None:
             raise ValueError("`compile` needs a `loss`, computed by the last segment.")
@@ -283,7 +287,7 @@ class SplitChain(trainer.LoopOwner):
                               wrap[index](InProcessTransport(downstream)))
             self.roles.insert(0, relay)
             downstream = relay
-        self.client_role = ClientRole(self.segments[0], optimizer)
+        self.client_role = ClientRole(self.segments[0], optimizer, objective=nopeek)
         self.client_role.build()
         self.roles.insert(0, self.client_role)
         first = wrap[0](InProcessTransport(downstream))

@@ -146,9 +146,11 @@ class RoundRobin(_Federation):
         self.latest_optimizer = None
 
     def compile(self, optimizer="sgd", loss=None, metrics=None, transport_wrapper=None,
-                transports=None):
+                transports=None, nopeek=None):
         """Args:
             optimizer, loss, metrics: as in `SplitModel.compile`.
+            nopeek: a `keras_split.privacy.NoPeek(alpha)` every client applies
+                to its own batches (see `SplitModel.compile`).
             transport_wrapper: `f(index, transport)` may wrap each client's link
                 (to observe it, or to simulate failures).
             transports: one open transport per client to a remote server (e.g.
@@ -162,7 +164,8 @@ class RoundRobin(_Federation):
         self.clients = []
         for index in range(self.count):
             party = SplitModel(client=_clone(self.client_model), server=self.server_model)
-            party.compile(optimizer, transport=self._link(index, self.server_role))
+            party.compile(optimizer, transport=self._link(index, self.server_role),
+                          nopeek=nopeek)
             self.clients.append(party)
         self.latest = self.client_model.get_weights()
 
@@ -213,8 +216,8 @@ class SplitFed(_Federation):
         self.version = version
 
     def compile(self, optimizer="sgd", loss=None, metrics=None, transport_wrapper=None,
-                transports=None):
-        """As `RoundRobin.compile`; `transports` (to one shared remote server)
+                transports=None, nopeek=None):
+        """As `RoundRobin.compile` (`nopeek` included); `transports` (to one shared remote server)
         is for SFLv2 only: SFLv1 averages the server copies, which must then be
         in this process."""
         self.wrap = transport_wrapper
@@ -233,7 +236,7 @@ class SplitFed(_Federation):
             self.server_copies.append(server)
             self.server_roles.append(role)
             party = SplitModel(client=_clone(self.client_model), server=server)
-            party.compile(optimizer, transport=self._link(index, role))
+            party.compile(optimizer, transport=self._link(index, role), nopeek=nopeek)
             self.clients.append(party)
 
     def fit(self, shards, rounds=1, batch_size=32, local_epochs=1, shuffle=False, seed=None,

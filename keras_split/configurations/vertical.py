@@ -72,11 +72,22 @@ class VerticalSplit(trainer.LoopOwner):
     def layers(self):
         return [layer for party in self.parties for layer in party.layers]
 
-    def compile(self, optimizer="rmsprop", loss=None, metrics=None, loss_weights=None):
+    def compile(self, optimizer="rmsprop", loss=None, metrics=None, loss_weights=None,
+                nopeek=None):
+        """Configure the parties and the server, in process.
+
+        Args:
+            optimizer: each party and the server get their own copy.
+            loss, metrics, loss_weights: computed by the server.
+            nopeek: a `keras_split.privacy.NoPeek(alpha)`: each party also
+                minimises the distance correlation between its own inputs and
+                its own cut activations (it never sees another party's).
+        """
         if loss is None:
             raise ValueError("`compile` needs a `loss`: the server computes it.")
         self.server_role = ServerRole(self.server, optimizer, loss, metrics, loss_weights)
-        self.client_role = PartiesRole([ClientRole(p, optimizer) for p in self.parties])
+        self.client_role = PartiesRole([ClientRole(p, optimizer, objective=nopeek)
+                                        for p in self.parties])
         self.client_role.build()
         self.transport = InProcessTransport(self.server_role)
 

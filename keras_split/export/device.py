@@ -5,7 +5,10 @@
   statistics), without changing anything: what the device sends up.
 - `train(inputs, grad_i) -> step`: recomputes the training forward pass,
   backpropagates the server's cut gradients (a vector-Jacobian product), applies
-  the optimizer, and updates BatchNorm moving statistics exactly once.
+  the optimizer, and updates BatchNorm moving statistics exactly once. With
+  NoPeek, the gradient of `alpha * dCor(inputs, cut)` (forward ops: the
+  objective's `cut_gradients`) is added to the received cut gradients first:
+  the signature and what the device sends stay the same.
 - `get_weights() -> w000...` / `set_weights(w000...)`: every model weight in
   `model.get_weights()` order (to persist them, or hand them to the next client).
 - `get_optimizer() -> s000..., step` / `set_optimizer(...)`: the optimizer's
@@ -34,9 +37,13 @@ def _spec(tensor, name):
 class DeviceModule(tf.Module):
     """Variables and signatures of an exported client half."""
 
-    def __init__(self, program, update):
+    def __init__(self, program, update, extra_gradients=None):
         super().__init__()
+        # extra_gradients(inputs, cut_tensors) -> one gradient per cut tensor,
+        # added to the server's (the device's own term of the loss); it may
+        # return None (nothing to add: no ops are traced for it).
         self._program, self._update = program, update
+        self._extra_gradients = extra_gradients
         self.params = [tf.Variable(np.asarray(v.numpy()), name=f"param_{i}")
                        for i, v in enumerate(program.trainable)]
         self.state = [tf.Variable(np.asarray(v.numpy()), name=f"state_{i}")
@@ -92,6 +99,10 @@ class DeviceModule(tf.Module):
         with tf.GradientTape() as tape:
             tape.watch(params)
             outputs, new_state = self._program.run(params, state, list(inputs), True)
+        extra = None if self._extra_gradients is None else self._extra_gradients(
+            list(inputs), outputs)
+        if extra is not None:
+            cut_gradients = [g + e for g, e in zip(cut_gradients, extra, strict=True)]
         grads = tape.gradient(outputs, params, output_gradients=cut_gradients)
         new_params, new_slots = self._update.apply(
             params, grads, [s.read_value() for s in self.slots], self.step.read_value())

@@ -47,8 +47,9 @@ def _specs(program, update):
     return x, grads, params, state, slots, step
 
 
-def functions(program, update):
-    """The three graphs as tf.functions over explicit tensors."""
+def functions(program, update, extra_gradients=None):
+    """The three graphs as tf.functions over explicit tensors (`extra_gradients`:
+    as in `DeviceModule`, NoPeek's term added to the cut gradients in `train`)."""
     x, grads, params, state, slots, step = _specs(program, update)
     nx, ng, np_, ns = len(x), len(grads), len(params), len(state)
 
@@ -78,6 +79,9 @@ def functions(program, update):
         with tf.GradientTape() as tape:
             tape.watch(p)
             outputs, new_b = program.run(p, b, inputs, training=True)
+        extra = None if extra_gradients is None else extra_gradients(inputs, outputs)
+        if extra is not None:
+            g = [a + e for a, e in zip(g, extra, strict=True)]
         gradients = tape.gradient(outputs, p, output_gradients=g)
         new_p, new_o = update.apply(p, gradients, o, s)
         new = device_names.new
@@ -144,11 +148,11 @@ def session(path):
     return require_runtime().InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def export(program, update, path, reference, x, grads, atol):
+def export(program, update, path, reference, x, grads, atol, extra_gradients=None):
     from keras_split.export import ExportReport
 
     targets = paths(path)
-    graphs = functions(program, update)
+    graphs = functions(program, update, extra_gradients)
     for name, (function, signature) in graphs.items():
         _convert(function, signature, targets[name])
     state = initial_state(program, update)

@@ -64,19 +64,22 @@ class SplitClient(trainer.LoopOwner):
     def layers(self):
         return list(self.client.layers)
 
-    def compile(self, optimizer="rmsprop", compression=None):
+    def compile(self, optimizer="rmsprop", compression=None, nopeek=None):
         """Set the client's optimizer and open the session with the server.
 
         `compression` chooses the codec of the cut tensors (see `GrpcTransport`);
-        it overrides one given to the constructor. With a checkpoint in
-        `checkpoint_dir`, the weights, optimizer state and session are restored
-        from it first.
+        it overrides one given to the constructor. `nopeek`, a
+        `keras_split.privacy.NoPeek(alpha)`, makes this client also minimise
+        the distance correlation between its raw batches and the activations
+        it sends (see `SplitModel.compile`); the server is unaware of it and
+        the messages are the same. With a checkpoint in `checkpoint_dir`, the
+        weights, optimizer state and session are restored from it first.
         """
         options = dict(self._transport_options)
         if compression is not None:
             options["compression"] = compression
         transport = GrpcTransport(options.pop("server"), options.pop("token"), **options)
-        role = ClientRole(self.client, optimizer)
+        role = ClientRole(self.client, optimizer, objective=nopeek)
         role.build()
         resume = None
         if self.checkpoint_path is not None and self.checkpoint_path.exists():
