@@ -25,26 +25,13 @@ from keras_split.network.client import SplitClient
 from keras_split.network.server import SplitServer
 from keras_split.privacy import NoPeek, distance_correlation, distance_correlation_gradients
 from keras_split.roles import ClientRole, ServerRole
-from keras_split.transport import InProcessTransport, Transport
+from keras_split.transport import InProcessTransport
 from keras_split_wire import device_names as names
 from tests import models
+from tests.test_configurations import Recorder
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 LR = 0.5
-
-
-class Recorder(Transport):
-    """Wraps a link and records every message and reply that crosses it."""
-
-    def __init__(self, inner, log):
-        super().__init__()
-        self.inner, self.log = inner, log
-        self.bytes = inner.bytes
-
-    def _exchange(self, message):
-        reply = self.inner.exchange(message)
-        self.log.append((message, reply))
-        return reply, 0, 0  # counted by the inner link
 
 
 def _bytes(model):
