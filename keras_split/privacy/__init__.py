@@ -16,7 +16,13 @@ Defences (`nopeek`, `defences`):
 Attacks (`attacks`), each returning numbers (and a figure with
 `keras-split[plot]`): `model_inversion`, `label_leakage` (norm and cosine, with
 `collect_cut_gradients`), `dcor_leakage`, and `audit`, which runs the set on a
-trained split and prints one table.
+trained split and prints one table (`keras-split audit` from a shell).
+
+Hijacking (`hijack`): `HijackingServer`, a malicious server that steers the
+client's features into a space it can invert (feature-space hijacking,
+Pasquini et al. CCS 2021), `feature_space_hijacking` to run it against a
+client, and `HijackDetector`, a client-side check in the spirit of
+SplitGuard that flags a server whose gradients ignore the labels.
 
 `distance_correlation(x, z)` (`dcor`) is the sample distance correlation in
 `keras.ops`; `distance_correlation_gradients` its derivative with forward ops.
@@ -42,11 +48,20 @@ from keras_split.privacy.defences import (
     add_cut_noise,
     randomized_response,
 )
+from keras_split.privacy.hijack import (
+    HijackDetected,
+    HijackDetector,
+    HijackingServer,
+    feature_space_hijacking,
+)
 from keras_split.privacy.nopeek import NoPeek
 
 __all__ = [
     "CutNoise",
     "GaussianGradientNoise",
+    "HijackDetected",
+    "HijackDetector",
+    "HijackingServer",
     "MaxNormAlignment",
     "NoPeek",
     "RandomizedLabels",
@@ -56,6 +71,7 @@ __all__ = [
     "dcor_leakage",
     "distance_correlation",
     "distance_correlation_gradients",
+    "feature_space_hijacking",
     "label_leakage",
     "model_inversion",
     "randomized_response",

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import keras
 import numpy as np
@@ -573,19 +574,21 @@ class AuditReport:
 
     Attributes:
         rows: `AuditRow(attack, metric, value, baseline)`s.
-        inversion, label, dcor: the full results behind the rows (None when
-            that attack did not run).
+        inversion, label, dcor, hijack: the full results behind the rows
+            (None when that attack did not run; `hijack` is a pair of
+            `HijackResult`s, without and with the detector).
     """
 
     rows: list[AuditRow]
     inversion: InversionResult | None = None
     label: LabelLeakageResult | None = None
     dcor: DcorLeakage | None = None
+    hijack: Any = None
 
     def __str__(self) -> str:
         def number(value):
             return "-" if value is None or (isinstance(value, float) and math.isnan(value)) \
-                else f"{value:.4f}"
+                else f"{value:.4g}"
 
         table = [("attack", "metric", "value", "baseline")] + [
             (r.attack, r.metric, number(r.value), number(r.baseline)) for r in self.rows]
@@ -599,7 +602,8 @@ class AuditReport:
 
 def audit(split, x, y, x_test, *, batch_size: int = 32, cut_gradients: CutGradients | None = None,
           label_epochs: int = 1, positive=1, inversion_samples: int | None = 2000,
-          inversion_epochs: int = 30, dcor_batch_size: int = 128, seed: int | None = 0,
+          inversion_epochs: int = 30, dcor_batch_size: int = 128, hijack_steps: int = 0,
+          num_classes: int | None = None, seed: int | None = 0,
           print_fn: Callable[[str], None] | None = print) -> AuditReport:
     """Run every attack on a trained split and print one table (attack, metric, value, baseline).
 
@@ -614,6 +618,13 @@ def audit(split, x, y, x_test, *, batch_size: int = 32, cut_gradients: CutGradie
     3. Distance correlation between `x_test` and its activations at
        `dcor_batch_size` (baseline: activations shuffled against the inputs).
        Skipped when `x_test` holds fewer than one batch.
+    4. With `hijack_steps > 0`, feature-space hijacking: a copy of the
+       client (yours is not touched) trains `hijack_steps` steps on half of
+       `x` against a `HijackingServer` holding the other half as public
+       data; the reconstruction MSE of `x_test` against the mean public
+       image. Then a fresh copy trains against it again behind a
+       `HijackDetector`: the step it flags the server at (baseline: the
+       step the attack's MSE had halved). Needs class labels in `y`.
 
     Args:
         split: a compiled, trained `SplitModel` (its `client` half and `transport`).
@@ -622,6 +633,8 @@ def audit(split, x, y, x_test, *, batch_size: int = 32, cut_gradients: CutGradie
         batch_size, cut_gradients, label_epochs, positive: the label attacks.
         inversion_samples, inversion_epochs: the inversion attack.
         dcor_batch_size: the dCor measurement.
+        hijack_steps, num_classes: the hijacking run (classes default to
+            the largest label + 1).
         seed: the shuffles of the extra training epoch and of the inversion sample.
         print_fn: where the table goes (None: not printed).
 
@@ -657,10 +670,40 @@ def audit(split, x, y, x_test, *, batch_size: int = 32, cut_gradients: CutGradie
         dcor = dcor_leakage(split.client, x_test, batch_size=dcor_batch_size)
         rows.append(AuditRow("distance correlation", f"dCor(x, cut), batch {dcor_batch_size}",
                              dcor.dcor, dcor.baseline))
-    report = AuditReport(rows=rows, inversion=inversion, label=label, dcor=dcor)
+    hijack = None
+    if hijack_steps > 0:
+        hijack = _hijack_rows(split.client, x, np.asarray(y), x_test, hijack_steps, batch_size,
+                              num_classes, seed, rows)
+    report = AuditReport(rows=rows, inversion=inversion, label=label, dcor=dcor, hijack=hijack)
     if print_fn is not None:
         print_fn(str(report))
     return report
+
+
+def _hijack_rows(client, x, y, x_test, steps, batch_size, num_classes, seed, rows):
+    from keras_split.privacy.hijack import feature_space_hijacking
+
+    def copy():
+        twin = keras.models.clone_model(client)
+        twin.set_weights(client.get_weights())
+        return twin
+
+    order = np.random.default_rng(seed).permutation(len(x))
+    private, public = order[: len(x) // 2], order[len(x) // 2:]
+    classes = num_classes or int(_classes(y).max()) + 1
+    eval_every = max(1, steps // 10)
+    attack = feature_space_hijacking(copy(), x[private], x[public], x_test, steps=steps,
+                                     batch_size=batch_size, eval_every=eval_every, seed=seed)
+    guarded = feature_space_hijacking(copy(), x[private], x[public], x_test, steps=steps,
+                                      batch_size=batch_size, eval_every=eval_every, seed=seed,
+                                      labels=y[private],
+                                      detector={"num_classes": max(2, classes), "seed": seed})
+    rows.append(AuditRow("feature-space hijacking", f"MSE after {steps} steps (lower leaks more)",
+                         attack.mse[-1], attack.baseline_mse))
+    rows.append(AuditRow("hijack detector", "flagged at step (baseline: MSE halved at)",
+                         None if guarded.detected_at is None else float(guarded.detected_at),
+                         None if attack.halved_at is None else float(attack.halved_at)))
+    return attack, guarded
 
 
 __all__ = [
