@@ -137,6 +137,68 @@ class SplitModel(trainer.LoopOwner):
         inputs, _ = io_structure(self.client)
         return keras.Model(inputs, self.server(self.client(inputs)), name="merged")
 
+    @property
+    def built(self):
+        # Keras utilities that take one model start by reading `model.built`
+        # (keras.utils.plot_model does); a SplitModel is two models, so this
+        # says where to go instead of "object has no attribute 'built'".
+        # An AttributeError keeps `hasattr(split, "built")` False, as before.
+        raise AttributeError(
+            "A SplitModel is two keras.Models (`split.client` and `split.server`), not one, so "
+            "Keras utilities that take a single model, such as keras.utils.plot_model, cannot "
+            "take it. Call `split.plot_model(...)` to draw both halves and the cut, or pass "
+            "`split.client`, `split.server` or `split.merge()`."
+        )
+
+    def plot_model(self, to_file="split.png", show_shapes=True, show_layer_names=True,
+                   **kwargs):
+        """Draw both halves and the cut with `keras.utils.plot_model`.
+
+        The client half and the server half are drawn as two boxes of layers
+        (named after `split.client.name` and `split.server.name`); the edges
+        between them are the tensors crossing the cut, whose shapes the
+        server's input boxes show. It needs pydot and graphviz, as
+        `keras.utils.plot_model` does.
+
+        Args:
+            to_file: the image file to write (its extension sets the format).
+            show_shapes, show_layer_names: on by default, unlike Keras,
+                because the cut (the server's inputs, named after the cut
+                layers, and their shapes) is what a split adds to the picture.
+            **kwargs: any other argument of `keras.utils.plot_model`
+                (`show_dtype`, `rankdir`, `dpi`, ...).
+
+        Returns:
+            What `keras.utils.plot_model` returns (an image in a notebook).
+
+        Example:
+
+        ```python
+        split.plot_model("split.png")
+        ```
+        """
+        if "expand_nested" in kwargs:
+            raise ValueError(
+                "`SplitModel.plot_model` always draws the two halves expanded; remove "
+                "`expand_nested`, or plot one half with keras.utils.plot_model(split.client)."
+            )
+        return keras.utils.plot_model(self.plot_view(), to_file=to_file,
+                                      show_shapes=show_shapes,
+                                      show_layer_names=show_layer_names, expand_nested=True,
+                                      **kwargs)
+
+    def plot_view(self) -> keras.Model:
+        """A `keras.Model` holding the client half then the server half, as two nested
+        models: what `plot_model` draws (`keras.utils.model_to_dot(view,
+        expand_nested=True)` gives the graph itself)."""
+        # Fresh inputs: calling the client on its own input tensors would draw
+        # its input box with an edge to itself.
+        inputs = keras.tree.map_structure(
+            lambda t: keras.Input(batch_shape=t.shape, dtype=t.dtype,
+                                  name=t._keras_history.operation.name),
+            io_structure(self.client)[0])
+        return keras.Model(inputs, self.server(self.client(inputs)), name="split")
+
     def __repr__(self) -> str:
         cut = ", ".join(f"{s.name!r} {s.shape}" for s in self.cut_specs)
         return (
@@ -183,6 +245,7 @@ class SplitModel(trainer.LoopOwner):
                 `nopeek_dcor` (not in `loss`). More generally any client
                 objective `f(inputs, activations) -> scalar` (see `ClientRole`).
         """
+        trainer.check_single_device(self, "compile")
         codec = codecs.get(compression)
         if loss is None and transport is None:
             raise ValueError(

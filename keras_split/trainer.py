@@ -10,6 +10,9 @@ client's), which is what the stock callbacks touch.
 
 from __future__ import annotations
 
+import contextlib
+import numbers
+import warnings
 from typing import Any
 
 import keras
@@ -17,7 +20,13 @@ import numpy as np
 import tensorflow as tf
 
 from keras_split import protocol
-from keras_split.batching import make_batches
+from keras_split.batching import (
+    RAN_OUT,
+    check_class_weight,
+    check_steps,
+    is_data_stream,
+    make_batches,
+)
 
 
 class ClientLoss:
@@ -57,10 +66,10 @@ class ClientLoss:
         return logs
 
 
-def _callbacks(owner, callbacks, verbose, epochs, steps):
+def _callbacks(owner, callbacks, verbose, epochs, steps, add_history=True):
     return keras.callbacks.CallbackList(
         callbacks,
-        add_history=True,
+        add_history=add_history,
         add_progbar=verbose != 0,
         verbose=verbose,
         epochs=epochs,
@@ -69,17 +78,90 @@ def _callbacks(owner, callbacks, verbose, epochs, steps):
     )
 
 
-def _validation_batches(validation_data, batch_size):
+def _verbose(verbose):
+    if verbose == "auto":
+        return 1
+    if verbose not in (0, 1, 2):
+        raise ValueError(f"`verbose` must be 'auto', 0, 1 or 2; received {verbose!r}.")
+    return verbose
+
+
+def check_single_device(owner, caller: str) -> None:
+    """Refuse to run under a `tf.distribute` strategy, with what is supported.
+
+    Each party's step is one compiled call on one device (the server's over
+    its own batch, the client's around the exchange at the cut); a strategy
+    would need the replicas' cut tensors gathered into one message and the
+    cut gradient sent back to each, which this loop does not do. Without this
+    check the failure is a TensorFlow internal ("DistributedVariable.handle is
+    not available outside the replica context").
+    """
+    name = type(owner).__name__
+    supported = (
+        "keras-split runs each party's step on one device (the default strategy); "
+        "spreading a party over several replicas is not supported yet. Build the model, "
+        "and call compile() and fit(), outside any `strategy.scope()`."
+    )
+    if tf.distribute.has_strategy():
+        strategy = tf.distribute.get_strategy()
+        raise ValueError(
+            f"`{name}.{caller}()` was called inside the scope of a tf.distribute "
+            f"{type(strategy).__name__}. {supported}")
+    optimizer = getattr(owner, "optimizer", None)
+    variables = [(layer.name, w) for layer in getattr(owner, "layers", ()) for w in layer.weights]
+    if optimizer is not None:
+        variables += [(f"the optimizer {optimizer.name!r}", v) for v in optimizer.variables]
+    for where, variable in variables:
+        value = getattr(variable, "value", variable)
+        if isinstance(value, tf.distribute.DistributedValues):
+            raise ValueError(
+                f"`{name}.{caller}()` cannot train distributed variables: {where!r} holds "
+                f"{type(value).__name__}s, created inside a tf.distribute strategy's scope. "
+                f"{supported}")
+
+
+def _check_validation_freq(validation_freq) -> None:
+    if isinstance(validation_freq, bool):
+        ok = False
+    elif isinstance(validation_freq, numbers.Integral):
+        ok = validation_freq >= 1
+    elif isinstance(validation_freq, (list, tuple, set, range)):
+        ok = all(isinstance(e, numbers.Integral) and not isinstance(e, bool) and e >= 1
+                 for e in validation_freq)
+    else:
+        ok = False
+    if not ok:
+        raise ValueError(
+            "`validation_freq` must be a positive integer (validate every N epochs) or a list "
+            "of 1-based epoch numbers to validate after, e.g. [1, 5, 10]; received "
+            f"{validation_freq!r}.")
+
+
+def _should_validate(epoch: int, validation_freq) -> bool:
+    """Keras's rule: `epoch` is 0-based, `validation_freq` counts from 1."""
+    if isinstance(validation_freq, numbers.Integral):
+        return (epoch + 1) % validation_freq == 0
+    return epoch + 1 in validation_freq
+
+
+def _validation_batches(validation_data, batch_size, validation_steps):
     if validation_data is None:
+        if validation_steps is not None:
+            check_steps("validation_steps", validation_steps, "fit")
         return None
+    if isinstance(validation_data, list) and len(validation_data) in (2, 3):
+        validation_data = tuple(validation_data)  # as Keras reads a list
     if isinstance(validation_data, tuple):
         if len(validation_data) not in (2, 3):
             raise ValueError(
-                "`validation_data` must be (x_val, y_val), (x_val, y_val, sample_weight) or a "
-                f"tf.data.Dataset; received a tuple of {len(validation_data)} items."
+                "`validation_data` must be (x_val, y_val), (x_val, y_val, sample_weight), a "
+                "tf.data.Dataset, a PyDataset or a generator; received a tuple of "
+                f"{len(validation_data)} items."
             )
-        return make_batches(*validation_data, batch_size=batch_size, caller="fit")
-    return make_batches(validation_data, batch_size=batch_size, caller="fit")
+        return make_batches(*validation_data, batch_size=batch_size, caller="fit",
+                            steps=validation_steps, steps_name="validation_steps")
+    return make_batches(validation_data, batch_size=batch_size, caller="fit",
+                        steps=validation_steps, steps_name="validation_steps")
 
 
 def _hold_out(x, y, sample_weight, validation_split):
@@ -88,10 +170,10 @@ def _hold_out(x, y, sample_weight, validation_split):
         raise ValueError(
             f"`validation_split` must be in (0, 1), received {validation_split!r}."
         )
-    if isinstance(x, tf.data.Dataset):
+    if is_data_stream(x):
         raise ValueError(
-            "`validation_split` is only supported for arrays; for a tf.data.Dataset pass "
-            "`validation_data` instead."
+            "`validation_split` is only supported for arrays; for a tf.data.Dataset, a "
+            "PyDataset or a generator pass `validation_data` instead."
         )
     x, y, sample_weight = (
         None if s is None else keras.tree.map_structure(np.asarray, s)
@@ -118,67 +200,104 @@ def _hold_out(x, y, sample_weight, validation_split):
     return part(x, train), part(y, train), part(sample_weight, train), validation
 
 
+def _fingerprint(batches, batch_size, epochs, shuffle, initial_epoch, steps_per_epoch,
+                 class_weight) -> dict:
+    """What a resumed fit must agree on with the fit that wrote the checkpoint.
+
+    Arguments added since the first checkpoints are recorded only when given,
+    so a checkpoint written without them still resumes.
+    """
+    fingerprint = {"steps": batches.num_batches, "batch_size": batch_size, "epochs": epochs,
+                   "shuffle": bool(shuffle), "initial_epoch": initial_epoch}
+    if steps_per_epoch is not None:
+        fingerprint["steps_per_epoch"] = int(steps_per_epoch)
+    if class_weight:
+        # A list of pairs: what the JSON checkpoint header gives back.
+        fingerprint["class_weight"] = [[int(k), float(v)]
+                                       for k, v in sorted(class_weight.items())]
+    return fingerprint
+
+
 def fit(owner, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None,
-        validation_split=0.0, validation_data=None, shuffle=True, initial_epoch=0,
-        sample_weight=None, validation_freq=1, seed=None):
+        validation_split=0.0, validation_data=None, shuffle=True, class_weight=None,
+        sample_weight=None, initial_epoch=0, steps_per_epoch=None, validation_steps=None,
+        validation_batch_size=None, validation_freq=1, seed=None):
     owner.require_compiled("fit")
-    if not isinstance(epochs, int) or epochs < 1:
+    check_single_device(owner, "fit")
+    # Every argument is checked before anything runs: a refused fit changes nothing.
+    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
         raise ValueError(f"`epochs` must be a positive integer, received {epochs!r}.")
-    verbose = 1 if verbose == "auto" else verbose
+    if (isinstance(initial_epoch, bool) or not isinstance(initial_epoch, numbers.Integral)
+            or initial_epoch < 0):
+        raise ValueError(
+            "`initial_epoch` must be an integer >= 0, the (0-based) epoch to start from; "
+            f"received {initial_epoch!r}.")
+    verbose = _verbose(verbose)
+    _check_validation_freq(validation_freq)
     if validation_split and validation_data is None:
         x, y, sample_weight, validation_data = _hold_out(x, y, sample_weight, validation_split)
-    batches = make_batches(x, y, sample_weight, batch_size, shuffle=shuffle, seed=seed)
-    validation = _validation_batches(validation_data, batch_size)
-    # What a resumed fit must agree on with the fit that wrote the checkpoint.
-    fingerprint = {"steps": batches.steps, "batch_size": batch_size, "epochs": epochs,
-                   "shuffle": bool(shuffle), "initial_epoch": initial_epoch}
+    batches = make_batches(x, y, sample_weight, batch_size, shuffle=shuffle, seed=seed,
+                           steps=steps_per_epoch, class_weight=class_weight)
+    validation = _validation_batches(validation_data, validation_batch_size or batch_size,
+                                     validation_steps)
+    fingerprint = _fingerprint(batches, batch_size, epochs, shuffle, initial_epoch,
+                               steps_per_epoch, check_class_weight(class_weight))
     if owner._already_finished(fingerprint):
         return owner.history
     first_epoch, skip = initial_epoch, 0
     position = owner._resume_position(fingerprint)
     if position is not None:
         first_epoch, skip = position["epoch"], position["batch"]
-        batches.set_state(position["rng"])
+        batches.set_state({"rng": position["rng"],
+                           "offset": position.get("offset", position["batch"])})
     callback_list = _callbacks(owner, callbacks, verbose, epochs, batches.steps)
     owner.stop_training = owner._interrupted = False
     transport = owner.transport
     callback_list.on_train_begin()
-    logs = {}
+    logs: dict = {}
+    epoch_logs: dict | None = None
     for epoch in range(first_epoch, epochs):
         callback_list.on_epoch_begin(epoch)
         up0, down0 = transport.bytes.snapshot()
         logs = {}
         client_loss = ClientLoss(getattr(owner.client_role, "log_names", ()))
-        rng_state = batches.get_state()  # before the epoch draws its order
-        for index, (bx, by, bw) in enumerate(batches):
-            if index < skip:
-                continue  # done before the checkpoint this fit resumed from
-            if by is None:
-                raise ValueError(
-                    "`fit` needs labels: pass `y`, or a dataset that yields (x, y)."
+        with contextlib.closing(batches.epoch(skip)) as epoch_batches:
+            for index, (bx, by, bw) in epoch_batches:
+                if by is None:
+                    raise ValueError(
+                        "`fit` needs labels: pass `y`, or data that yields (x, y)."
+                    )
+                callback_list.on_train_batch_begin(index)
+                reply, regularization = protocol.train_step(
+                    owner.client_role, transport, owner.next_step(), bx, by, bw,
+                    reset_metrics=index == 0,
                 )
-            callback_list.on_train_batch_begin(index)
-            reply, regularization = protocol.train_step(
-                owner.client_role, transport, owner.next_step(), bx, by, bw,
-                reset_metrics=index == 0,
-            )
-            owner._after_train_step({"epoch": epoch, "batch": index + 1, "rng": rng_state,
-                                     "fingerprint": fingerprint})
-            client_loss.add(regularization, bx, reply.logs)
-            logs = client_loss.into(dict(reply.logs))
-            callback_list.on_train_batch_end(index, logs)
-            if owner.stop_training:
-                break
+                owner._after_train_step({"epoch": epoch, "batch": index + 1,
+                                         **batches.get_state(), "fingerprint": fingerprint})
+                client_loss.add(regularization, bx, reply.logs)
+                logs = client_loss.into(dict(reply.logs))
+                callback_list.on_train_batch_end(index, logs)
+                if owner.stop_training:
+                    break
         skip = 0
+        if batches.exhausted:
+            # Nothing left to train on (a generator used up): Keras's warning,
+            # and the fit ends here rather than reporting an empty epoch.
+            warnings.warn(RAN_OUT, stacklevel=2)
+            break
         up1, down1 = transport.bytes.snapshot()
         logs = {**logs, "bytes_up": up1 - up0, "bytes_down": down1 - down0}
-        if validation is not None and (epoch + 1) % validation_freq == 0:
-            val_logs = _evaluate_batches(owner, validation, callback_list=None)
+        if validation is not None and _should_validate(epoch, validation_freq):
+            validation.reset()
+            callback_list.on_test_begin()
+            val_logs = _evaluate_batches(owner, validation, callback_list)
+            callback_list.on_test_end(val_logs)
             logs.update({f"val_{k}": v for k, v in val_logs.items()})
         callback_list.on_epoch_end(epoch, logs)
+        epoch_logs = logs
         if owner.stop_training:
             break
-    callback_list.on_train_end(logs)
+    callback_list.on_train_end(epoch_logs if epoch_logs is not None else logs)
     owner._after_fit(not owner._interrupted, fingerprint)
     return owner.history
 
@@ -188,30 +307,36 @@ def _evaluate_batches(owner, batches, callback_list):
     up0, down0 = transport.bytes.snapshot()
     logs = {}
     client_loss = ClientLoss()
-    for index, (bx, by, bw) in enumerate(batches):
-        if by is None:
-            raise ValueError("`evaluate` needs labels: pass `y`, or a dataset of (x, y).")
-        if callback_list is not None:
-            callback_list.on_test_batch_begin(index)
-        reply, regularization = protocol.evaluate_step(
-            owner.client_role, transport, owner.next_step(), bx, by, bw, reset_metrics=index == 0
-        )
-        client_loss.add(regularization, bx)
-        logs = client_loss.into(dict(reply.logs))
-        if callback_list is not None:
-            callback_list.on_test_batch_end(index, logs)
+    with contextlib.closing(batches.epoch()) as epoch_batches:
+        for index, (bx, by, bw) in epoch_batches:
+            if by is None:
+                raise ValueError("`evaluate` needs labels: pass `y`, or data that yields "
+                                 "(x, y).")
+            if callback_list is not None:
+                callback_list.on_test_batch_begin(index)
+            reply, regularization = protocol.evaluate_step(
+                owner.client_role, transport, owner.next_step(), bx, by, bw,
+                reset_metrics=index == 0
+            )
+            client_loss.add(regularization, bx)
+            logs = client_loss.into(dict(reply.logs))
+            if callback_list is not None:
+                callback_list.on_test_batch_end(index, logs)
     if not logs:
-        raise ValueError("`evaluate` received no data: the input has zero samples.")
+        raise ValueError("`evaluate` received no data: the input has zero samples (or a "
+                         "generator was already used up).")
     up1, down1 = transport.bytes.snapshot()
     return {**logs, "bytes_up": up1 - up0, "bytes_down": down1 - down0}
 
 
 def evaluate(owner, x=None, y=None, batch_size=None, verbose="auto", sample_weight=None,
-             callbacks=None, return_dict=False):
+             steps=None, callbacks=None, return_dict=False):
     owner.require_compiled("evaluate")
-    verbose = 1 if verbose == "auto" else verbose
-    batches = make_batches(x, y, sample_weight, batch_size, caller="evaluate")
-    callback_list = _callbacks(owner, callbacks, verbose, 1, batches.steps)
+    check_single_device(owner, "evaluate")
+    verbose = _verbose(verbose)
+    batches = make_batches(x, y, sample_weight, batch_size, caller="evaluate", steps=steps,
+                           steps_name="steps")
+    callback_list = _callbacks(owner, callbacks, verbose, 1, batches.steps, add_history=False)
     callback_list.on_test_begin()
     logs = _evaluate_batches(owner, batches, callback_list)
     callback_list.on_test_end(logs)
@@ -221,21 +346,26 @@ def evaluate(owner, x=None, y=None, batch_size=None, verbose="auto", sample_weig
     return values[0] if len(values) == 1 else values
 
 
-def predict(owner, x, batch_size=None, verbose="auto", callbacks=None):
+def predict(owner, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
     owner.require_compiled("predict")
-    verbose = 1 if verbose == "auto" else verbose
-    batches = make_batches(x, batch_size=batch_size, caller="predict")
-    callback_list = _callbacks(owner, callbacks, verbose, 1, batches.steps)
+    check_single_device(owner, "predict")
+    verbose = _verbose(verbose)
+    batches = make_batches(x, batch_size=batch_size, caller="predict", steps=steps,
+                           steps_name="steps")
+    callback_list = _callbacks(owner, callbacks, verbose, 1, batches.steps, add_history=False)
     callback_list.on_predict_begin()
     outputs = []
-    for index, (bx, _, _) in enumerate(batches):
-        callback_list.on_predict_batch_begin(index)
-        reply = protocol.predict_step(owner.client_role, owner.transport, owner.next_step(), bx)
-        outputs.append(reply.outputs)
-        callback_list.on_predict_batch_end(index, {"outputs": reply.outputs})
+    with contextlib.closing(batches.epoch()) as epoch_batches:
+        for index, (bx, _, _) in epoch_batches:
+            callback_list.on_predict_batch_begin(index)
+            reply = protocol.predict_step(owner.client_role, owner.transport,
+                                          owner.next_step(), bx)
+            outputs.append(reply.outputs)
+            callback_list.on_predict_batch_end(index, {"outputs": reply.outputs})
     callback_list.on_predict_end()
     if not outputs:
-        raise ValueError("`predict` received no data: the input has zero samples.")
+        raise ValueError("`predict` received no data: the input has zero samples (or a "
+                         "generator was already used up).")
     return keras.tree.map_structure(lambda *parts: np.concatenate(parts), *outputs)
 
 
@@ -316,21 +446,32 @@ class LoopOwner:
         return False
 
     def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None,
-            validation_split=0.0, validation_data=None, shuffle=True, initial_epoch=0,
-            sample_weight=None, validation_freq=1, seed=None):
+            validation_split=0.0, validation_data=None, shuffle=True, class_weight=None,
+            sample_weight=None, initial_epoch=0, steps_per_epoch=None, validation_steps=None,
+            validation_batch_size=None, validation_freq=1, seed=None):
         """Train across the cut; same arguments and return value as `keras.Model.fit`.
+
+        `x` may be arrays (with `y`, `sample_weight`), a `tf.data.Dataset`, a
+        `keras.utils.PyDataset` or a Python generator yielding `(x, y)` or
+        `(x, y, sample_weight)`. `class_weight` becomes per-sample weights,
+        sent to the server with the labels. With `steps_per_epoch` the data
+        iterator carries on across epochs, as in Keras (infinite datasets need
+        it). `seed` (ours) seeds the shuffling of arrays and PyDataset batches.
 
         `History.history` also has `bytes_up` and `bytes_down`: the bytes that
         crossed the cut in each epoch's training steps (and `val_bytes_*`).
         """
         return fit(self, x, y, batch_size, epochs, verbose, callbacks, validation_split,
-                   validation_data, shuffle, initial_epoch, sample_weight, validation_freq, seed)
+                   validation_data, shuffle, class_weight, sample_weight, initial_epoch,
+                   steps_per_epoch, validation_steps, validation_batch_size, validation_freq,
+                   seed)
 
     def evaluate(self, x=None, y=None, batch_size=None, verbose="auto", sample_weight=None,
-                 callbacks=None, return_dict=False):
-        """Evaluate across the cut; as `keras.Model.evaluate`."""
-        return evaluate(self, x, y, batch_size, verbose, sample_weight, callbacks, return_dict)
+                 steps=None, callbacks=None, return_dict=False):
+        """Evaluate across the cut; as `keras.Model.evaluate` (`steps`: batches to draw)."""
+        return evaluate(self, x, y, batch_size, verbose, sample_weight, steps, callbacks,
+                        return_dict)
 
-    def predict(self, x, batch_size=None, verbose="auto", callbacks=None):
-        """Predict across the cut; as `keras.Model.predict`."""
-        return predict(self, x, batch_size, verbose, callbacks)
+    def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
+        """Predict across the cut; as `keras.Model.predict` (`steps`: batches to draw)."""
+        return predict(self, x, batch_size, verbose, steps, callbacks)
