@@ -201,6 +201,9 @@ def test_each_party_steps_on_cut_gradient_plus_alpha_dcor(rng, kind):
         _close(client.get_weights(), want)
     if kind != "vertical":  # one client: its dCor is in the logs
         assert 0 < history.history["nopeek_dcor"][0] <= 1
+    else:  # each party's own, by party
+        for index in range(2):
+            assert 0 < history.history[f"nopeek_dcor_party_{index}"][0] <= 1
 
 
 @pytest.mark.parametrize("kind", list(CONFIGURATIONS))

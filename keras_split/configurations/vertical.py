@@ -48,10 +48,16 @@ class PartiesRole:
         activations = tuple(np.asarray(a) for c in contexts for a in c.activations)
         reply = send(activations)
         start = 0
-        for role, context in zip(self.roles, contexts, strict=True):
+        logs = {}
+        for number, (role, context) in enumerate(zip(self.roles, contexts, strict=True)):
             count = len(context.activations)
             role.backward(context, reply.gradients[start:start + count])
             start += count
+            # Each party's own objective logs (NoPeek's dCor of its inputs), by party.
+            logs.update({f"{name}_party_{number}": float(value)
+                         for name, value in context.logs.items()})
+        if logs:
+            reply = dataclasses.replace(reply, logs={**reply.logs, **logs})
         return reply, float(sum(float(c.regularization) for c in contexts))
 
     def infer(self, inputs):

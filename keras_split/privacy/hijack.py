@@ -100,6 +100,7 @@ class HijackingServer:
     def __init__(self, x_public, *, client: keras.Model | None = None,
                  pilot: keras.Model | None = None, decoder: keras.Model | None = None,
                  discriminator: keras.Model | None = None, learning_rate: float = 1e-4,
+                 discriminator_learning_rate: float | None = None,
                  gradient_penalty: float = 10.0, seed: int | None = 0):
         x_public = np.asarray(x_public)
         if x_public.ndim < 2 or len(x_public) == 0:
@@ -123,7 +124,8 @@ class HijackingServer:
         self.decoder = decoder or inversion_decoder(self.cut_shape, targets.shape[1:])
         self.discriminator = discriminator or _discriminator(self.cut_shape)
         self.gradient_penalty = gradient_penalty
-        self.optimizers = [keras.optimizers.Adam(learning_rate) for _ in range(2)]
+        self.optimizers = [keras.optimizers.Adam(learning_rate),
+                           keras.optimizers.Adam(discriminator_learning_rate or learning_rate)]
         self._rng = np.random.default_rng(seed)
         self._order: np.ndarray = np.zeros(0, np.int64)
         self.steps = 0
