@@ -25,6 +25,7 @@ from keras_split.network.client import SplitClient
 from keras_split.network.server import SplitServer
 from keras_split.network.transport import GrpcTransport, ServerError
 from keras_split.partition import CutCandidate, CutSpec, cut_candidates
+from keras_split.plan import Cost, CostPlan, plan
 from keras_split.roles import ClientRole, ClientStep, ServerRole
 from keras_split.split_model import SplitModel, split
 from keras_split.transport import ByteCounter, InProcessTransport, Transport
@@ -55,6 +56,8 @@ __all__ = [
     "VerticalSplit",
     "ClientRole",
     "ClientStep",
+    "Cost",
+    "CostPlan",
     "CutCandidate",
     "CutSpec",
     "InProcessTransport",
@@ -70,6 +73,7 @@ __all__ = [
     "cut_candidates",
     "datasets",
     "fedavg",
+    "plan",
     "privacy",
     "sharding",
     "split",
