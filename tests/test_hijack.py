@@ -228,3 +228,12 @@ def test_keras_split_audit_trains_defends_and_prints_one_table(tmp_path, capsys)
     detector = next(line for line in out.splitlines() if line.startswith("hijack detector"))
     assert detector.split()[-2] == "1"  # flagged at the first check
     assert main(["audit", "--data", str(tmp_path / "missing.npz")]) == 2
+
+
+def test_a_server_that_supplied_the_model_starts_its_pilot_from_the_clients_weights():
+    keras.utils.set_random_seed(0)
+    client = keras_split.split(*small_cnn()).client
+    informed = HijackingServer(_images(), client=client, knows_weights=True)
+    assert _same(informed.pilot.get_weights(), client.get_weights())
+    blind = HijackingServer(_images(), client=client)
+    assert not _same(blind.pilot.get_weights(), client.get_weights())

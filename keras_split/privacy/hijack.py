@@ -89,6 +89,10 @@ class HijackingServer:
             copy of the client's architecture (`keras.models.clone_model`),
             as when the server supplies the model; pass `client=` for it.
         client: the client half, whose architecture the default pilot copies.
+        knows_weights: the default pilot also starts from the client's
+            current weights (a server that supplied the initial model knows
+            them): the client's features start in the pilot's space, and the
+            attack only has to keep them there.
         decoder: from the cut's shape to inputs in [0, 1]; default
             `inversion_decoder`.
         discriminator: from the cut's shape to one logit; default a small
@@ -101,7 +105,8 @@ class HijackingServer:
                  pilot: keras.Model | None = None, decoder: keras.Model | None = None,
                  discriminator: keras.Model | None = None, learning_rate: float = 1e-4,
                  discriminator_learning_rate: float | None = None,
-                 gradient_penalty: float = 10.0, seed: int | None = 0):
+                 gradient_penalty: float = 10.0, knows_weights: bool = False,
+                 seed: int | None = 0):
         x_public = np.asarray(x_public)
         if x_public.ndim < 2 or len(x_public) == 0:
             raise ValueError("`x_public` must be a batch of inputs (samples first); received "
@@ -112,6 +117,8 @@ class HijackingServer:
                                  "`client=` (the client half, whose architecture the pilot "
                                  "copies).")
             pilot = keras.models.clone_model(client)
+            if knows_weights:
+                pilot.set_weights(client.get_weights())
         if len(pilot.outputs) != 1:
             raise ValueError("The hijacking server attacks single-tensor cuts; the pilot has "
                              f"{len(pilot.outputs)} outputs.")
