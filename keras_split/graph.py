@@ -5,6 +5,12 @@ tensors between them. Everything here walks back from `model.outputs` through
 each tensor's `_keras_history`, which records the call that produced it. That
 history belongs to the model's own graph, so it stays correct even after other
 models (such as the two halves of a split) have re-used the same layers.
+
+A call is a call of a *layer* or of a Keras *operation*: `keras.ops.*` applied to
+symbolic tensors (`ops.multiply(x, mask)`) records a node of an `Operation`
+that is not a layer and has no weights. Tensors passed by keyword
+(`mha(q, v, attention_mask=m)`, `pool(x, mask=m)`) are inputs of the call like
+positional ones.
 """
 
 from __future__ import annotations
@@ -35,12 +41,23 @@ def tensor_key(tensor) -> tuple[int, int, int]:
 
 @dataclass(eq=False)
 class Call:
-    """One call of a layer in the graph, with its input and output tensors."""
+    """One call of a layer (or a Keras operation) in the graph.
 
-    layer: keras.Layer
+    Attributes:
+        layer: the layer or `keras.Operation` called.
+        inputs: every symbolic tensor the call reads, positional and keyword
+            arguments alike, in Keras's flattened order.
+        outputs: the tensors it returns.
+        parents: the calls that produce `inputs`.
+        node: the Keras node, whose `arguments` re-create the call exactly
+            (keyword tensors, non-tensor arguments); None for hand-made calls.
+    """
+
+    layer: keras.Operation
     inputs: list
     outputs: list
     parents: list[Call] = field(default_factory=list)
+    node: object = None
 
     @property
     def name(self) -> str:
@@ -49,6 +66,16 @@ class Call:
     @property
     def is_input(self) -> bool:
         return isinstance(self.layer, keras.layers.InputLayer)
+
+    @property
+    def is_layer(self) -> bool:
+        """False for a Keras operation (`keras.ops.*`) recorded in the graph."""
+        return isinstance(self.layer, keras.Layer)
+
+    @property
+    def weights(self) -> list:
+        """The weights of the layer called; an operation has none."""
+        return list(self.layer.weights) if self.is_layer else []
 
 
 @dataclass
@@ -88,6 +115,11 @@ class Graph:
         return seen
 
 
+def operations(model) -> list:
+    """The layers and Keras operations of `model` (a Sequential model has layers only)."""
+    return list(getattr(model, "operations", None) or model.layers)
+
+
 def read_graph(model) -> Graph:
     """Return the calls of `model` in topological order."""
     producer: dict = {}
@@ -99,7 +131,10 @@ def read_graph(model) -> Graph:
         node = operation._inbound_nodes[node_index]
         if id(node) not in calls_by_node:
             calls_by_node[id(node)] = Call(
-                layer=operation, inputs=list(node.input_tensors), outputs=list(node.outputs)
+                layer=operation,
+                inputs=list(node.input_tensors),
+                outputs=list(node.outputs),
+                node=node,
             )
         return calls_by_node[id(node)]
 

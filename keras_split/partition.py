@@ -6,35 +6,160 @@ cut tensors or computed after the cut. The client half computes the cut tensors
 from the inputs; the server half computes the outputs from the cut tensors.
 Both halves are built with the public functional API and share the original
 layer objects, so their weights are the original model's weights.
+
+A cut must also not hand the server the raw inputs: an input layer is no cut,
+and neither is a layer whose client half has no trainable weights (Rescaling,
+ZeroPadding2D or Normalization right after the input only rescale, pad or
+normalize the data the server would then read).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import keras
 import numpy as np
 
-from keras_split.graph import Call, Graph, is_graph_model, read_graph, tensor_key
+from keras_split.graph import Call, Graph, is_graph_model, operations, read_graph, tensor_key
 from keras_split_wire.tensors import CutSpec
 
 
 @dataclass(frozen=True)
 class CutCandidate:
-    """A layer at which a single cut separates the model.
+    """A layer at which a single cut separates the model: one row of the cut table.
 
     Attributes:
-        layer: the layer's name (pass it as `cut=`).
-        bytes_per_sample: bytes the client sends per sample at this cut.
+        layer: the layer's name (pass it as `cut=`). A row that stands for several
+            cuts (see `layers`) names the first of them, the layer that makes
+            the tensor; the others only follow up on it.
+        bytes_per_sample: bytes the client sends per sample at this cut (None
+            when a dimension other than the batch is unknown).
         client_params: parameters (trainable and not) the client holds.
         client_flops_fraction: the client's share of the forward FLOPs.
+        client_flops: forward FLOPs per sample of the client half.
+        total_flops: forward FLOPs per sample of the whole model.
+        layers: the consecutive cuts this row stands for, in graph order, when
+            `cut_candidates` collapsed cuts that send the same number of bytes
+            (Conv→BatchNorm→ReLU); `(layer,)` otherwise. Each is a valid cut; the
+            row's numbers are those of the first.
+        refused: None for a cut `split()` accepts; otherwise why it refuses it
+            (listed only with `cut_candidates(model, include_raw=True)`).
     """
 
+    # Fields come in the order they were added; new ones (such as whether the
+    # client half exports to a device) go last, with a default, so rows built
+    # by keyword and code reading the older fields keep working.
     layer: str
     bytes_per_sample: int | None
     client_params: int
     client_flops_fraction: float
+    client_flops: int = 0
+    total_flops: int = 0
+    layers: tuple[str, ...] = ()
+    refused: str | None = None
+
+    def __post_init__(self):
+        if not self.layers:
+            object.__setattr__(self, "layers", (self.layer,))
+
+
+class CutTable(list):
+    """The rows of `cut_candidates`: a list of `CutCandidate` that prints as a table.
+
+    `repr()` is one short line however large the model; `summary()` (or
+    `print(table)`) shows every row with its bytes, parameters and FLOPs.
+
+    Args:
+        rows: the `CutCandidate`s, in graph order.
+        model_name: the name of the model they cut.
+        cuts: how many cuts the rows stand for (more than the rows when
+            `cut_candidates` collapsed some); by default one per row.
+        total_flops: forward FLOPs per sample of the whole model; by default
+            the rows' `total_flops`.
+
+    Example:
+
+    ```python
+    table = keras_split.cut_candidates(keras.applications.ResNet50(weights=None))
+    table            # CutTable('resnet50': 20 rows for 38 cuts [conv1_conv, pool1_pad, ...])
+    table.summary()  # one line per row: bytes, client parameters and FLOPs, share
+    ```
+    """
+
+    def __init__(self, rows=(), *, model_name: str = "", cuts: int | None = None,
+                 total_flops: int | None = None):
+        super().__init__(rows)
+        self.model_name = model_name  # the model the table describes
+        self.cuts = len(self) if cuts is None else cuts  # how many cuts, before collapsing
+        if total_flops is None:
+            total_flops = self[0].total_flops if self else 0
+        self.total_flops = total_flops  # forward FLOPs per sample of the whole model
+
+    def __repr__(self):
+        names = [row.layer for row in self]
+        if len(names) > 6:
+            names = names[:3] + ["…"] + names[-2:]
+        collapsed = f" for {self.cuts} cuts" if self.cuts != len(self) else ""
+        return (
+            f"CutTable({self.model_name!r}: {len(self)} rows{collapsed} "
+            f"[{', '.join(names)}]; .summary() prints them)"
+        )
+
+    def __str__(self):
+        return "\n".join(self._lines())
+
+    def summary(self, print_fn=None) -> None:
+        """Print the table, one line per row (`print_fn` as in `keras.Model.summary`)."""
+        print_fn = print_fn or print
+        for line in self._lines():
+            print_fn(line)
+
+    def _lines(self) -> list[str]:
+        title = f"Cut candidates of {self.model_name!r}" if self.model_name else "Cut candidates"
+        lines = [f"{title}: {self.cuts} cuts in {len(self)} rows"
+                 + ("" if self.cuts == len(self) else
+                    "; a layer and the kernel-less layers after it that send the same bytes "
+                    "share a row (collapse=False lists each)"),
+                 f"Forward FLOPs per sample: {_human(self.total_flops)}"]
+        header = ["Cut", "Bytes/sample", "Client params", "Client FLOPs", "Share"]
+        rows = [
+            [
+                _shorten(row.layer if len(row.layers) == 1
+                         else f"{row.layers[0]} … {row.layers[-1]} ({len(row.layers)} cuts)"),
+                "unknown" if row.bytes_per_sample is None else f"{row.bytes_per_sample:,}",
+                f"{row.client_params:,}",
+                _human(row.client_flops),
+                f"{row.client_flops_fraction:.1%}",
+            ]
+            + ([f"refused: {row.refused}"] if row.refused else [])
+            for row in self
+        ]
+        widths = [max([len(header[i])] + [len(r[i]) for r in rows]) for i in range(5)]
+        rule = "─" * (sum(widths) + 2 * 4)
+
+        def line(cells):
+            text = cells[0].ljust(widths[0]) + "".join(
+                "  " + cell.rjust(width) for cell, width in zip(cells[1:5], widths[1:], strict=True)
+            )
+            return text + "".join("  " + extra for extra in cells[5:])
+
+        return lines + [rule, line(header), rule] + [line(r) for r in rows] + [rule]
+
+
+def _human(flops: int) -> str:
+    for size, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if flops >= size:
+            return f"{flops / size:.2f}{unit}"
+    return str(flops)
+
+
+def _shorten(text: str, width: int = 60) -> str:
+    if len(text) <= width:
+        return text
+    half = (width - 1) // 2
+    return text[:half] + "…" + text[-(width - 1 - half):]
 
 
 def spec_of(name: str, tensor) -> CutSpec:
@@ -81,8 +206,10 @@ def _resolve_cut(model, graph: Graph, cut) -> list[Call]:
         raise ValueError(f"`cut` names a layer more than once: {names}.")
     output_keys = {tensor_key(t) for t in graph.outputs}
     calls = []
+    # Keras operations (`keras.ops.*` nodes) are cut at by name like layers.
+    candidates = operations(model)
     for name in names:
-        layer = next((lay for lay in model.layers if lay.name == name), None)
+        layer = next((lay for lay in candidates if lay.name == name), None)
         if layer is None:
             raise ValueError(
                 f"No such layer: {name!r}. Existing layers are: [{_layer_names(model)}]."
@@ -111,10 +238,78 @@ def _resolve_cut(model, graph: Graph, cut) -> list[Call]:
 
 
 def _first_candidate_hint(model, graph: Graph) -> str:
+    first = _first_cut(graph)
+    return f"cut={first!r}" if first else "a layer after the inputs"
+
+
+def _first_cut(graph: Graph, raw: set[int] | None = None) -> str | None:
+    """The first single-layer cut `split()` accepts, in graph order."""
+    raw = _raw_calls(graph) if raw is None else raw
+    outputs = _output_keys(graph)
     for call in graph.calls:
-        if not call.is_input and _problem(graph, [call], suggest=False) is None:
-            return f"cut={call.name!r}"
-    return "a layer after the inputs"
+        if (call.is_input or id(call) in raw
+                or any(tensor_key(t) in outputs for t in call.outputs)
+                or len(graph.calls_of(call.layer)) != 1):
+            continue
+        if _problem(graph, [call], suggest=False) is None:
+            return call.name
+    return None
+
+
+# Inputs of the server halves built here: a model cut again (the later hops of
+# a chain) starts from activations, not from raw inputs.
+_CUT_INPUTS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _trains(call: Call) -> bool:
+    """Whether the call's layer has trainable weights, frozen ones included."""
+    if not call.is_layer:
+        return False  # A Keras operation (keras.ops.*) has no weights.
+    if any(w.trainable for w in call.layer.weights):
+        return True
+    # Freezing a layer (`layer.trainable = False`) marks its weights
+    # non-trainable, yet a frozen convolution still transforms the data, unlike
+    # the statistics of Normalization, which never train. Keras keeps the
+    # weights created trainable in each (sub)layer's `_trainable_variables`,
+    # frozen or not.
+    flatten = getattr(call.layer, "_flatten_layers", None)
+    sublayers = flatten() if flatten else [call.layer]
+    return any(getattr(layer, "_trainable_variables", None) for layer in sublayers)
+
+
+def _raw_calls(graph: Graph) -> set[int]:
+    """ids of the calls computed from raw model inputs without any trainable weights."""
+    raw: set[int] = set()
+    for call in graph.calls:
+        if call.is_input:
+            if call.layer not in _CUT_INPUTS:
+                raw.add(id(call))
+        elif call.parents and not _trains(call) and all(id(p) in raw for p in call.parents):
+            raw.add(id(call))
+    return raw
+
+
+def _raw_problem(graph: Graph, cut_calls: list[Call], raw: set[int]) -> str | None:
+    """Why `cut_calls` would send raw inputs, or None when they would not."""
+    call = next((c for c in cut_calls if id(c) in raw), None)
+    if call is None:
+        return None
+    names = [c.name for c in cut_calls]
+    shown = repr(names[0]) if len(names) == 1 else repr(names)
+    ancestors = graph.ancestors(call.outputs)
+    path = [c.name for c in graph.calls if id(c) in ancestors]
+    if len(path) > 6:
+        path = path[:3] + ["…"] + path[-2:]
+    first = _first_cut(graph, raw)
+    fix = (f"Cut after a layer with trainable weights, e.g. cut={first!r}, the first cut "
+           "whose client half has some" if first and len(names) == 1 else
+           "Add a layer with trainable weights (a convolution, a Dense layer) before "
+           f"{call.name!r}, or cut after one")
+    return (
+        f"Cut at {shown} would send raw inputs: the client half up to {call.name!r} "
+        f"({' → '.join(path)}) has no trainable weights, so the server would receive the "
+        f"model inputs merely rescaled, padded or normalized. {fix}."
+    )
 
 
 def _cut_tensors(calls: list[Call]) -> list:
@@ -178,9 +373,16 @@ def _problem(graph: Graph, cut_calls: list[Call], suggest: bool = True) -> str |
         needed = list(dict.fromkeys(names + [p.name for _, p, _ in crossing]))
         later = _next_single_cut(graph, cut_calls, server) if suggest else None
         fix = f"Cut after {later!r} instead, or pass" if later else "Pass"
+        if id(reader) in graph.descendants(_cut_tensors(cut_calls)):
+            bypass = (f"layer {reader.name!r} (after the cut) also reads {producer.name!r} "
+                      "(before the cut) through a skip connection")
+        else:
+            # Inception-style blocks and projection shortcuts: a sibling of the
+            # cut layer reads the block's input, so its branch skips the cut.
+            bypass = (f"layer {reader.name!r}, on a branch parallel to the cut, reads "
+                      f"{producer.name!r} (before the cut), so its branch bypasses the cut")
         return (
-            f"Cut at {shown} does not separate the graph: layer {reader.name!r} (after the "
-            f"cut) also reads {producer.name!r} (before the cut) through a skip connection. "
+            f"Cut at {shown} does not separate the graph: {bypass}. "
             f"{fix} cut={needed!r} to send all of these tensors."
         )
     for call in cut_calls:
@@ -205,7 +407,8 @@ def _next_single_cut(graph: Graph, cut_calls, server) -> str | None:
     outputs = _output_keys(graph)
     for call in server:
         if (call.is_input or id(call) not in downstream
-                or any(tensor_key(t) in outputs for t in call.outputs)):
+                or any(tensor_key(t) in outputs for t in call.outputs)
+                or len(graph.calls_of(call.layer)) != 1):
             continue
         if _problem(graph, [call], suggest=False) is None:
             return call.name
@@ -221,7 +424,7 @@ def analyse_cut(model, cut):
     check_graph_model(model)
     graph = read_graph(model)
     cut_calls = _resolve_cut(model, graph, cut)
-    problem = _problem(graph, cut_calls)
+    problem = _problem(graph, cut_calls) or _raw_problem(graph, cut_calls, _raw_calls(graph))
     if problem is not None:
         raise ValueError(problem)
     client, server = _sides(graph, cut_calls)
@@ -264,56 +467,114 @@ def build_halves(model, cut):
     input_layers = [t._keras_history.operation for t in server.inputs]
     for layer, spec in zip(input_layers, specs, strict=True):
         layer.name = spec.name.replace(":", "_")
+        _CUT_INPUTS.add(layer)
     return client, server, specs
 
 
-def _count_params(layers) -> int:
-    return int(sum(np.prod(w.shape) for layer in layers for w in layer.weights))
+def _count_params(calls) -> int:
+    weights = {id(w): w for call in calls for w in call.weights}
+    return int(sum(np.prod(w.shape) for w in weights.values()))
 
 
-def cut_candidates(model) -> list[CutCandidate]:
-    """List every layer at which a single cut separates inputs from outputs.
+def cut_candidates(model, *, collapse: bool = True, include_raw: bool = False) -> CutTable:
+    """List the layers at which a single cut separates inputs from outputs.
 
     Use it to choose a cut: a phone wants few client parameters and FLOPs, the
-    network wants few bytes per sample. Candidates come in graph order.
+    network wants few bytes per sample. Rows come in graph order, and each row
+    names a cut `split()` accepts: cuts bypassed by a skip connection or a
+    parallel branch are left out (they need several tensors; `split()`'s error
+    names them), and so are cuts that would send raw inputs (see
+    `include_raw`).
 
     Args:
         model: a functional or Sequential `keras.Model`.
+        collapse: when True (the default), a layer's cut and the cuts right
+            after it that send the same number of bytes through layers without
+            a kernel (Conv→BatchNorm→ReLU, Pool→Flatten) share one row, named
+            after the first of them and listing all in `layers`. False gives
+            one row per cut.
+        include_raw: also list the cuts whose client half has no trainable
+            weights (Rescaling, ZeroPadding2D, Normalization right after the
+            input), with `refused` saying why `split()` refuses them.
 
     Returns:
-        A list of `CutCandidate`.
+        A `CutTable`: a list of `CutCandidate`; `summary()` prints it.
 
     Example:
 
     ```python
-    for c in keras_split.cut_candidates(model):
-        print(c.layer, c.bytes_per_sample, c.client_params, f"{c.client_flops_fraction:.0%}")
+    table = keras_split.cut_candidates(model)
+    table.summary()
+    for c in table:
+        print(c.layer, c.bytes_per_sample, c.client_params, c.client_flops,
+              f"{c.client_flops_fraction:.0%}")
     ```
     """
     from keras_split.flops import call_flops
 
+    if not isinstance(collapse, bool) or not isinstance(include_raw, bool):
+        raise TypeError(
+            f"`collapse` and `include_raw` must be True or False, received "
+            f"collapse={collapse!r}, include_raw={include_raw!r}."
+        )
     check_graph_model(model)
     graph = read_graph(model)
+    raw = _raw_calls(graph)
     flops = {id(c): call_flops(c) for c in graph.calls}
-    total = sum(flops.values()) or 1
+    total = sum(flops.values())
     out_keys = _output_keys(graph)
-    result = []
+    rows: list[tuple[CutCandidate, Call]] = []
     for call in graph.calls:
         if call.is_input or any(tensor_key(t) in out_keys for t in call.outputs):
             continue
         if (len(graph.calls_of(call.layer)) != 1
                 or _problem(graph, [call], suggest=False) is not None):
             continue
+        if id(call) in raw and not include_raw:
+            continue
         client, _ = _sides(graph, [call])
         client_calls = [c for c in graph.calls if id(c) in client]
-        layers = list({id(c.layer): c.layer for c in client_calls}.values())
         per_sample = [spec_of(call.name, t).bytes_per_sample for t in call.outputs]
-        result.append(
-            CutCandidate(
-                layer=call.name,
-                bytes_per_sample=None if None in per_sample else sum(per_sample),
-                client_params=_count_params(layers),
-                client_flops_fraction=sum(flops[id(c)] for c in client_calls) / total,
-            )
+        client_flops = sum(flops[id(c)] for c in client_calls)
+        row = CutCandidate(
+            layer=call.name,
+            bytes_per_sample=None if None in per_sample else sum(per_sample),
+            client_params=_count_params(client_calls),
+            client_flops_fraction=client_flops / total if total else 0.0,
+            client_flops=client_flops,
+            total_flops=total,
+            refused=("sends raw inputs: the client half has no trainable weights"
+                     if id(call) in raw else None),
         )
-    return result
+        rows.append((row, call))
+    table = [row for row, _ in rows]
+    if collapse:
+        table = _collapse(rows)
+    return CutTable(table, model_name=model.name, cuts=len(rows), total_flops=total)
+
+
+def _collapse(rows: list[tuple[CutCandidate, Call]]) -> list[CutCandidate]:
+    """Merge each run of cuts that only follow up on the run's first layer.
+
+    A cut joins the previous row when it sends the same bytes, its layer reads
+    nothing but the previous cut's output, and it has no kernel (weights of
+    more than one dimension): BatchNormalization, activations, Dropout,
+    Flatten. A layer with a kernel (a convolution, even one that keeps the
+    shape, as VGG's second convolution of a block) starts a row of its own."""
+    groups: list[list[tuple[CutCandidate, Call]]] = []
+    for row, call in rows:
+        if groups:
+            last, last_call = groups[-1][-1]
+            sent = {tensor_key(t) for t in last_call.outputs}
+            if (row.bytes_per_sample is not None
+                    and row.bytes_per_sample == last.bytes_per_sample
+                    and row.refused == last.refused
+                    and all(len(w.shape) <= 1 for w in call.weights)
+                    and all(tensor_key(t) in sent for t in call.inputs)):
+                groups[-1].append((row, call))
+                continue
+        groups.append([(row, call)])
+    # The first cut names the row: it makes the tensor that the others only
+    # normalize, activate or reshape, and the names users know (`pool2` rather
+    # than the `flatten` after it) are these.
+    return [replace(group[0][0], layers=tuple(r.layer for r, _ in group)) for group in groups]

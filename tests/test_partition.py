@@ -1,6 +1,8 @@
 """split(): the halves compute the original function, share its weights, and
 bad cuts are refused with messages that say how to fix them."""
 
+import dataclasses
+
 import keras
 import numpy as np
 import pytest
@@ -93,6 +95,167 @@ def test_cut_candidates_hand_derived():
     assert (d2.bytes_per_sample, d2.client_params) == (8, 26)
     assert d1.client_flops_fraction == pytest.approx(28 / 51)
     assert d2.client_flops_fraction == pytest.approx(46 / 51)
+    assert (d1.client_flops, d1.total_flops) == (28, 51)
+    assert (d2.client_flops, d2.total_flops) == (46, 51)
+    assert (d1.layers, d1.refused) == (("d1",), None)
+    assert candidates.total_flops == 51
+
+
+def _conv_bn_relu():
+    inp = keras.Input((8, 8, 1), name="image")
+    x = layers.Conv2D(4, 3, padding="same", name="conv1")(inp)
+    x = layers.BatchNormalization(name="bn1")(x)
+    x = layers.ReLU(name="relu1")(x)
+    x = layers.Conv2D(4, 3, padding="same", name="conv2")(x)  # same shape, has a kernel
+    x = layers.MaxPooling2D(name="pool")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(5, name="dense")(x)
+    return keras.Model(inp, layers.Dense(2, name="logits")(x), name="conv_bn_relu")
+
+
+def test_cut_table_collapses_layers_that_follow_up_on_a_cut():
+    model = _conv_bn_relu()
+    every = keras_split.cut_candidates(model, collapse=False)
+    assert [c.layer for c in every] == [
+        "conv1", "bn1", "relu1", "conv2", "pool", "flatten", "dense"
+    ]
+    table = keras_split.cut_candidates(model)
+    # conv1, bn1 and relu1 each send 8*8*4 = 256 floats = 1,024 bytes, and so does
+    # conv2, but conv2 has a kernel: it starts a row. pool -> flatten keep 4*4*4
+    # floats (256 bytes); dense sends 5 (20 bytes).
+    assert [c.layers for c in table] == [
+        ("conv1", "bn1", "relu1"), ("conv2",), ("pool", "flatten"), ("dense",)
+    ]
+    assert [c.bytes_per_sample for c in table] == [1024, 1024, 256, 20]
+    # A row carries the numbers of the cut it names: the first of its layers.
+    by_name = {c.layer: c for c in every}
+    for row in table:
+        assert row == dataclasses.replace(by_name[row.layer], layers=row.layers)
+    assert table.cuts == 7 and every.cuts == 7
+    # Conv 3x3 'same' on 8x8x1 to 4 channels: 2*9*1*4*64 + 4*64 = 4,864 FLOPs, 40 params;
+    # BatchNormalization adds 4*4 params (gamma, beta, moving mean and variance).
+    conv1, bn1 = every[0], every[1]
+    assert (conv1.client_params, bn1.client_params) == (40, 56)
+    assert conv1.client_flops == 4864
+
+
+def test_cut_table_prints_compactly():
+    model = _conv_bn_relu()
+    table = keras_split.cut_candidates(model)
+    assert repr(table) == (
+        "CutTable('conv_bn_relu': 4 rows for 7 cuts [conv1, conv2, pool, dense]; "
+        ".summary() prints them)"
+    )
+    lines = []
+    table.summary(print_fn=lambda line, **_: lines.append(line))
+    assert str(table) == "\n".join(lines)
+    assert lines[0].startswith("Cut candidates of 'conv_bn_relu': 7 cuts in 4 rows")
+    assert lines[1] == f"Forward FLOPs per sample: {table.total_flops / 1e3:.2f}K"
+    assert lines[3].split() == ["Cut", "Bytes/sample", "Client", "params", "Client", "FLOPs",
+                                "Share"]
+    assert lines[5].split()[:5] == ["conv1", "…", "relu1", "(3", "cuts)"]
+    assert lines[5].split()[5:7] == ["1,024", "40"]
+    # A big table keeps a one-line repr: the first and last rows' names only.
+    big = keras_split.partition.CutTable(list(table) * 10, model_name="big", cuts=70)
+    assert repr(big) == (
+        "CutTable('big': 40 rows for 70 cuts [conv1, conv2, pool, …, pool, dense]; "
+        ".summary() prints them)"
+    )
+    assert len(str(big).splitlines()) == 40 + 6
+
+
+def test_cut_candidates_checks_its_options():
+    with pytest.raises(TypeError, match=r"`collapse` and `include_raw` must be True or False, "
+                                        r"received collapse='no'"):
+        keras_split.cut_candidates(_chain(), collapse="no")
+
+
+# -- no raw inputs over the wire ---------------------------------------------------
+
+
+def _preprocessed_cnn(frozen=False):
+    inp = keras.Input((6, 6, 1), name="image")
+    x = layers.Rescaling(1 / 255, name="rescale")(inp)
+    normalize = layers.Normalization(name="normalize")
+    normalize.adapt(np.linspace(0, 1, 72, dtype="float32").reshape(2, 6, 6, 1))
+    x = normalize(x)
+    x = layers.ZeroPadding2D(1, name="pad")(x)
+    conv = layers.Conv2D(3, 3, name="conv")
+    x = layers.Flatten(name="flatten")(conv(x))
+    model = keras.Model(inp, layers.Dense(2, name="logits")(x), name="preprocessed")
+    conv.trainable = not frozen
+    return model
+
+
+@pytest.mark.parametrize("cut", ["rescale", "normalize", "pad"])
+def test_cuts_without_trainable_weights_are_refused(cut):
+    model = _preprocessed_cnn()
+    path = " → ".join(["image", "rescale", "normalize", "pad"][: ["rescale", "normalize",
+                                                                  "pad"].index(cut) + 2])
+    with pytest.raises(ValueError) as info:
+        keras_split.split(model, cut)
+    assert str(info.value) == (
+        f"Cut at {cut!r} would send raw inputs: the client half up to {cut!r} ({path}) has "
+        "no trainable weights, so the server would receive the model inputs merely "
+        "rescaled, padded or normalized. Cut after a layer with trainable weights, e.g. "
+        "cut='conv', the first cut whose client half has some."
+    )
+    keras_split.split(model, "conv")  # the suggestion is a valid cut
+
+
+def test_cut_candidates_leave_out_raw_cuts_or_mark_them():
+    model = _preprocessed_cnn()
+    assert [c.layer for c in keras_split.cut_candidates(model, collapse=False)] == [
+        "conv", "flatten"
+    ]
+    marked = keras_split.cut_candidates(model, collapse=False, include_raw=True)
+    assert [(c.layer, c.refused) for c in marked] == [
+        ("rescale", "sends raw inputs: the client half has no trainable weights"),
+        ("normalize", "sends raw inputs: the client half has no trainable weights"),
+        ("pad", "sends raw inputs: the client half has no trainable weights"),
+        ("conv", None),
+        ("flatten", None),
+    ]
+    # The Normalization statistics (mean, variance, count) are weights, but not
+    # trainable ones.
+    assert marked[1].client_params == 3
+    # Raw and accepted cuts never share a row; the raw ones share theirs.
+    collapsed = keras_split.cut_candidates(model, include_raw=True)
+    assert [c.layers for c in collapsed] == [("rescale", "normalize"), ("pad",),
+                                             ("conv", "flatten")]
+    assert "refused: sends raw inputs" in str(collapsed).splitlines()[5]
+
+
+def test_a_frozen_client_half_still_transforms_the_data():
+    # Freezing marks the convolution's weights non-trainable, yet it still
+    # computes features: the cut is not raw data (a frozen pretrained backbone on
+    # the client is a common setup).
+    model = _preprocessed_cnn(frozen=True)
+    assert not model.get_layer("conv").trainable_weights
+    keras_split.split(model, "conv")
+    assert [c.layers for c in keras_split.cut_candidates(model)] == [("conv", "flatten")]
+
+
+def test_raw_branch_of_a_multi_tensor_cut_is_refused():
+    img = keras.Input((4, 4, 1), name="image")
+    tab = keras.Input((3,), name="tabular")
+    a = layers.Flatten(name="img_flat")(layers.Conv2D(2, 3, name="img_conv")(img))
+    b = layers.Rescaling(2.0, name="tab_scale")(tab)
+    x = layers.Concatenate(name="concat")([a, b])
+    model = keras.Model([img, tab], layers.Dense(1, name="out")(x))
+    with pytest.raises(ValueError, match=r"Cut at \['img_flat', 'tab_scale'\] would send raw "
+                                         r"inputs: the client half up to 'tab_scale' \(tabular "
+                                         r"→ tab_scale\) has no trainable weights.* Add a layer "
+                                         r"with trainable weights"):
+        keras_split.split(model, ["img_flat", "tab_scale"])
+
+
+def test_later_hops_of_a_chain_start_from_activations():
+    # The middle party of this chain only pools: it has no weights, but what it
+    # receives is the first party's activations, not raw inputs.
+    model, _ = models.small_cnn()
+    chain = keras_split.split_chain(model, ["conv1", "pool1"])
+    assert [s.name for s in chain.cut_specs[1]] == ["pool1"]
 
 
 def test_cut_candidates_skip_cuts_bypassed_by_a_skip_connection():
@@ -247,8 +410,9 @@ def test_parallel_branches_do_not_send_the_partitioner_into_recursion():
     model = keras.Model(x, out)
     assert [c.layer for c in keras_split.cut_candidates(model)] == ["stem", "add"]
     for cut, other in [("a", "b"), ("b", "a")]:
-        with pytest.raises(ValueError, match=rf"layer '{other}' .* reads 'stem' .* Cut after "
-                                             rf"'add' instead, or pass cut=\['{cut}', 'stem'\]"):
+        with pytest.raises(ValueError, match=rf"layer '{other}', on a branch parallel to the "
+                                             rf"cut, reads 'stem' .* Cut after 'add' instead, "
+                                             rf"or pass cut=\['{cut}', 'stem'\]"):
             keras_split.split(model, cut)
         # Both suggestions are valid cuts.
         keras_split.split(model, "add")
