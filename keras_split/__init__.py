@@ -25,7 +25,7 @@ from keras_split.network.client import SplitClient
 from keras_split.network.server import SplitServer
 from keras_split.network.transport import GrpcTransport, ServerError
 from keras_split.partition import CutCandidate, CutSpec, cut_candidates
-from keras_split.plan import Cost, CostPlan, plan
+from keras_split.planning import Cost, CostPlan, plan
 from keras_split.roles import ClientRole, ClientStep, ServerRole
 from keras_split.split_model import SplitModel, split
 from keras_split.transport import ByteCounter, InProcessTransport, Transport

@@ -7,7 +7,7 @@ import pytest
 from keras import layers
 
 import keras_split
-from keras_split.plan import CONFIGURATIONS, plan
+from keras_split.planning import CONFIGURATIONS, plan
 
 
 def dense_model():
