@@ -35,12 +35,13 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # `keras_split.privacy` (defences on top of the core) is imported on first
-    # use, so `import keras_split` does not load it.
-    if name == "privacy":
+    # `keras_split.privacy` (defences on top of the core) and `keras_split.plot`
+    # (matplotlib, an extra) are imported on first use, so `import keras_split`
+    # loads neither.
+    if name in ("privacy", "plot"):
         import importlib
 
-        return importlib.import_module("keras_split.privacy")
+        return importlib.import_module(f"keras_split.{name}")
     raise AttributeError(f"module 'keras_split' has no attribute {name!r}")
 
 
@@ -74,6 +75,7 @@ __all__ = [
     "datasets",
     "fedavg",
     "plan",
+    "plot",
     "privacy",
     "sharding",
     "split",
