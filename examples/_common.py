@@ -1,13 +1,10 @@
 """Shared by the examples: the shipped chest X-rays and a small CNN."""
 
-import os
+import _quiet  # noqa: F401 - first: TensorFlow starts quietly
+import keras
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-import keras  # noqa: E402
-
-import keras_split  # noqa: E402
-from keras_split.apps.demo import build_demo_cnn, demo_loss  # noqa: E402
+import keras_split
+from keras_split.apps.demo import build_demo_cnn, demo_loss
 
 LOSS = demo_loss()
 

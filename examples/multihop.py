@@ -6,6 +6,7 @@ own layers; the middle forwards activations and returns gradients.
 
 import argparse
 
+import _quiet  # noqa: F401 - first: TensorFlow starts quietly
 import keras
 from _common import LOSS, demo_model, unsplit_accuracy, xray_data
 

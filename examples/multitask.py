@@ -10,6 +10,7 @@ standing in for a second label a second server might hold.
 
 import argparse
 
+import _quiet  # noqa: F401 - first: TensorFlow starts quietly
 import keras
 import numpy as np
 from _common import LOSS, xray_data

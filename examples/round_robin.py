@@ -7,6 +7,7 @@ hospital to the next.
 
 import argparse
 
+import _quiet  # noqa: F401 - first: TensorFlow starts quietly
 import keras
 from _common import LOSS, demo_model, unsplit_accuracy, xray_data
 

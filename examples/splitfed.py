@@ -7,6 +7,7 @@ copies too. Compared with centralized training on the same data.
 
 import argparse
 
+import _quiet  # noqa: F401 - first: TensorFlow starts quietly
 import keras
 from _common import LOSS, demo_model, unsplit_accuracy, xray_data
 

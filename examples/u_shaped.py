@@ -6,6 +6,7 @@ and the labels; the server trains the middle. Labels never leave the hospital.
 
 import argparse
 
+import _quiet  # noqa: F401 - first: TensorFlow starts quietly
 import keras
 import numpy as np
 from _common import LOSS, demo_model, unsplit_accuracy, xray_data

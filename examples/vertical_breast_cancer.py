@@ -3,20 +3,20 @@ same patients (Wisconsin breast cancer: the mean, standard-error and worst
 groups of 10 features each); the server merges their branches and holds the
 diagnosis. Compared with the same model trained unsplit.
 
+The data come with scikit-learn: pip install 'keras-split[examples]'.
+
     python examples/vertical_breast_cancer.py [--epochs 20]
 """
 
 import argparse
-import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import _quiet  # noqa: F401 - first: TensorFlow starts quietly
+import keras
+import numpy as np
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.datasets import load_breast_cancer  # noqa: E402
-
-import keras_split  # noqa: E402
-from keras_split.configurations import sharding  # noqa: E402
+import keras_split
+from keras_split.configurations import sharding
+from keras_split_wire.optional import require
 
 GROUPS = {"mean": slice(0, 10), "error": slice(10, 20), "worst": slice(20, 30)}
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -36,7 +36,12 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=20)
     args = parser.parse_args()
-    data = load_breast_cancer()
+    try:
+        datasets = require("sklearn.datasets", "This example (the Wisconsin breast-cancer data)",
+                           "keras-split[examples]", package="scikit-learn")
+    except ImportError as error:
+        raise SystemExit(f"error: {error}") from None
+    data = datasets.load_breast_cancer()
     order = np.random.default_rng(0).permutation(len(data.data))
     train, test = order[:450], order[450:]
     mean, std = data.data[train].mean(0), data.data[train].std(0)

@@ -12,6 +12,7 @@ of two modalities, not a clinical finding.
 
 import argparse
 
+import _quiet  # noqa: F401 - first: TensorFlow starts quietly
 import keras
 import numpy as np
 from _common import LOSS, xray_data

@@ -203,6 +203,30 @@ def test_bad_token_is_refused(token, ca, server_pair):
         server.stop()
 
 
+def test_a_client_under_tf_distribute_is_refused_before_it_opens_a_session():
+    import tensorflow as tf
+
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+        model, cut = models.small_cnn()
+    built_in_scope = keras_split.split(model, cut)
+    # Port 9 (discard): nothing answers there, so a client that tried to open a
+    # session would fail with a ConnectionError, not a ValueError.
+    options = dict(server="127.0.0.1:9", token=TOKEN, insecure=True, retry_for=0)
+    client = SplitClient(built_in_scope.client, **options)
+    with pytest.raises(ValueError, match=r"`SplitClient.compile\(\)` cannot train distributed "
+                                         r"variables: 'conv1' holds MirroredVariables"):
+        client.compile("sgd")
+    assert client.transport is None
+    model, cut = models.small_cnn()
+    plain = SplitClient(keras_split.split(model, cut).client, **options)
+    with strategy.scope(), pytest.raises(ValueError, match=r"`SplitClient.compile\(\)` was "
+                                         r"called inside the scope of a tf.distribute "
+                                         r"MirroredStrategy"):
+        plain.compile("sgd")
+    assert plain.transport is None
+
+
 def test_tls_is_required_unless_insecure(caplog):
     model, cut = models.small_cnn()
     split = keras_split.split(model, cut)

@@ -69,3 +69,23 @@ def test_serve_with_rounds_builds_a_coordinator(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["client", "--model", "m", "--server", "s", "--shard", "two"])
     assert "expected I/K (e.g. 0/3), received 'two'" in capsys.readouterr().err
+
+
+def test_only_a_rounds_server_waits_for_its_rounds(tmp_path):
+    _, server_path = netdemo.save_halves(tmp_path)
+    server = netdemo.make_server(server_path, "sparse_categorical_crossentropy", True, "adam",
+                                 1e-3, None, tokens={"t": "a"}, insecure=True)
+    try:
+        with pytest.raises(ValueError, match=r"`wait_for_rounds` needs a server that runs "
+                                             r"rounds: pass `coordinator="):
+            server.wait_for_rounds()
+    finally:
+        server.stop()
+
+
+def test_client_data_defaults_to_the_shipped_xrays_and_says_so():
+    lines = []
+    (x, y), (x_val, _), (x_test, _) = netdemo.load_data(None, lines.append)[0]
+    assert (len(x), len(x_val), len(x_test)) == (2428, 270, 468)
+    assert lines == ["data: the shipped balanced PneumoniaMNIST subset (2,428 train / 270 val "
+                     "/ 468 test chest X-rays); pass --data FILE.npz for your own"]

@@ -82,6 +82,11 @@ def main(argv=None) -> int:
         text = " ".join(str(error).split())
         print(f"error: {text}", file=sys.stderr, flush=True)
         return 1
+    except KeyboardInterrupt:
+        resume = f"; run the same command to resume from {args.state_dir}" \
+            if args.state_dir else ""
+        print(f"interrupted{resume}", file=sys.stderr, flush=True)
+        return 130
 
 
 def _train(args) -> int:

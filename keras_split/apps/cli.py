@@ -1,10 +1,18 @@
-"""The `keras-split` command."""
+"""The `keras-split` command.
+
+This module imports neither TensorFlow nor Keras: each command imports what it
+needs when it runs, after `keras_split.apps.quiet` has set TensorFlow up to
+start without its C++ log lines (`--verbose` shows them). `keras-split certs`
+never imports TensorFlow.
+"""
 
 from __future__ import annotations
 
 import argparse
 import signal
 import sys
+
+from keras_split.apps.quiet import filtered_stderr, quiet_tensorflow
 
 
 def _demo(args) -> int:
@@ -108,7 +116,13 @@ def _export(args) -> int:
         client = keras.models.load_model(client_path)
     optimizer = keras.optimizers.get(args.optimizer)
     optimizer.learning_rate = args.learning_rate
-    manifest = write_artefacts(client, args.out, optimizer)
+    if args.quiet:
+        # The converters' C++ INFO/WARNING lines ("Ignored output_format", LiteRT's
+        # "Created TensorFlow Lite XNNPACK delegate") are noise here; errors are kept.
+        with filtered_stderr():
+            manifest = write_artefacts(client, args.out, optimizer)
+    else:
+        manifest = write_artefacts(client, args.out, optimizer)
     for entry in manifest["files"]:
         check = entry.get("train_step_error", entry.get("inference_error"))
         print(f"{entry['file']:32} {entry['bytes']:>9,} bytes  {entry['kind']:32} "
@@ -147,9 +161,11 @@ def _rounds_options(args):
 def _serve(args) -> int:
     import logging
 
-    from keras_split.apps.netdemo import make_server, read_tokens
+    from keras_split.apps.netdemo import make_server, read_tokens, save_trained
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    if args.linger < 0:
+        raise ValueError(f"--linger must be at least 0 seconds, received {args.linger:g}.")
     server = make_server(
         args.model, args.loss, args.from_logits, args.optimizer, args.learning_rate,
         args.metrics, tokens=read_tokens(args.token_file) if args.token_file else None,
@@ -159,15 +175,36 @@ def _serve(args) -> int:
         checkpoint_dir=args.checkpoint_dir, durable_checkpoints=args.durable_checkpoints,
         rounds=_rounds_options(args),
     ).start()
+    coordinator = server.coordinator
+    until = "Ctrl-C to stop" if coordinator is None else \
+        f"stops after round {coordinator.rounds} (Ctrl-C to stop now)"
     print(f"serving {args.model} on {server.address} "
-          f"({'INSECURE, no TLS' if args.insecure else 'TLS'}); Ctrl-C to stop", flush=True)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+          f"({'INSECURE, no TLS' if args.insecure else 'TLS'}); {until}", flush=True)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    rounds_over = False
     try:
-        server.wait()
+        if coordinator is None:
+            server.wait()
+        else:
+            rounds_over = server.wait_for_rounds(linger=args.linger)
     except (KeyboardInterrupt, _Terminated):
-        server.stop(grace=5)
-        if server.checkpoint_path is not None:
-            print(f"stopped; checkpoint written to {server.checkpoint_path}", flush=True)
+        pass
+    finally:
+        if previous is not None:  # None: a handler not set from Python, left as it was
+            signal.signal(signal.SIGTERM, previous)
+    if rounds_over:
+        for record in coordinator.history:
+            trained = ", ".join(map(str, record.trained)) or "nobody"
+            dropped = f", dropped {', '.join(map(str, record.dropped))}" if record.dropped else ""
+            print(f"round {record.round}: trained {trained}{dropped}", flush=True)
+        print(f"rounds finished: {coordinator.rounds} {args.round_mode} round(s) with "
+              f"{len(coordinator.members)} client(s); stopping the server", flush=True)
+    server.stop(grace=5)
+    if server.checkpoint_path is not None:
+        print(f"stopped; checkpoint written to {server.checkpoint_path}", flush=True)
+    if args.save:
+        save_trained(server, args.save, client_model=args.client_model,
+                     print_fn=lambda text: print(text, flush=True))
     return 0
 
 
@@ -179,7 +216,24 @@ def _client(args) -> int:
                  private_key=args.key, insecure=args.insecure, compression=args.compression,
                  checkpoint_dir=args.checkpoint_dir, seed=args.seed,
                  durable_checkpoints=args.durable_checkpoints, shard=args.shard,
-                 rounds=args.rounds)
+                 rounds=args.rounds, data=args.data, save=args.save)
+    return 0
+
+
+def _shapes(tensors) -> str:
+    return ", ".join(str(tuple(t.shape)) for t in tensors)
+
+
+def _merge(args) -> int:
+    from keras_split.apps.netdemo import load_model, merge_halves
+
+    if not args.out.endswith(".keras"):
+        raise ValueError(f"OUT must be a .keras file, received {args.out!r}: Keras saves whole "
+                         "models in that format (e.g. trained/model.keras).")
+    model = merge_halves(load_model(args.client, "CLIENT"), load_model(args.server, "SERVER"))
+    model.save(args.out)
+    print(f"wrote {args.out}: {_shapes(model.inputs)} -> {_shapes(model.outputs)}, "
+          f"{model.count_params():,} parameters; load it with keras.models.load_model")
     return 0
 
 
@@ -203,7 +257,7 @@ def _network_commands(commands) -> None:
     certs = commands.add_parser(
         "certs", help="write a throwaway CA and localhost certificates (development only)")
     certs.add_argument("--out", required=True, help="folder for the PEM files")
-    certs.set_defaults(run=_certs)
+    certs.set_defaults(run=_certs, tensorflow=False)
 
     serve = commands.add_parser("serve", help="serve a server half over gRPC (TLS by default)")
     serve.add_argument("--model", required=True, help="the server half, a .keras file")
@@ -230,7 +284,7 @@ def _network_commands(commands) -> None:
     serve.add_argument("--durable-checkpoints", action="store_true",
                        help="fsync each checkpoint (survive power loss, not only a crash)")
     serve.add_argument("--rounds", type=int,
-                       help="coordinate this many rounds of client processes")
+                       help="coordinate this many rounds of client processes, then exit")
     serve.add_argument("--round-mode", default="round_robin",
                        choices=["round_robin", "splitfed", "sflv1"],
                        help="round-robin turns, SplitFed (shared server half) or SFLv1 "
@@ -241,11 +295,26 @@ def _network_commands(commands) -> None:
                        help="seconds a client has to report its turn before it is dropped")
     serve.add_argument("--client-model",
                        help="the client half (.keras): its initial weights, for --rounds")
+    serve.add_argument("--linger", type=float, default=10.0,
+                       help="with --rounds: seconds without a call after the last round before "
+                            "the server exits (the clients evaluate first; default 10)")
+    serve.add_argument("--save", metavar="DIR",
+                       help="when the server stops, write its trained half to DIR/server.keras "
+                            "(with --rounds also the final client half, DIR/client.keras, and "
+                            "the merged model, DIR/model.keras)")
     serve.set_defaults(run=_serve)
 
     client = commands.add_parser(
-        "client", help="train a client half on the shipped chest X-rays against a server")
+        "client", help="train a client half on your data (or the shipped X-rays) against a "
+                       "server")
     client.add_argument("--model", required=True, help="the client half, a .keras file")
+    client.add_argument("--data", metavar="FILE.npz",
+                        help="your data, a .npz in MedMNIST layout: train_images, train_labels, "
+                             "val_images, val_labels, test_images, test_labels (default: the "
+                             "shipped balanced PneumoniaMNIST chest X-rays)")
+    client.add_argument("--save", metavar="DIR",
+                        help="after training, write the trained client half to "
+                             "DIR/client.keras")
     client.add_argument("--server", required=True, help="the server's HOST:PORT")
     client.add_argument("--token", help="this client's token (optional with mutual TLS)")
     client.add_argument("--ca", help="CA that signed the server's certificate (PEM)")
@@ -268,6 +337,16 @@ def _network_commands(commands) -> None:
     client.add_argument("--rounds", action="store_true",
                         help="take part in the server's rounds (--epochs per turn)")
     client.set_defaults(run=_client)
+
+    merge = commands.add_parser(
+        "merge", help="rebuild the whole model from a client half and a server half",
+        description="Rebuild one Keras model from the two halves (e.g. those written by "
+                    "`client --save` and `serve --save`): the server half applied to the "
+                    "client half's outputs, with the server half's loss and metrics.")
+    merge.add_argument("client", metavar="CLIENT.keras", help="the client half")
+    merge.add_argument("server", metavar="SERVER.keras", help="the server half")
+    merge.add_argument("out", metavar="OUT.keras", help="where to write the whole model")
+    merge.set_defaults(run=_merge)
 
 
 def _audit_command(commands) -> None:
@@ -346,7 +425,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
     _audit_command(commands)
     _network_commands(commands)
+    for command in commands.choices.values():
+        command.add_argument("--verbose", action="store_true",
+                             help="show TensorFlow's start-up and C++ log lines (hidden by "
+                                  "default, unless TF_CPP_MIN_LOG_LEVEL is set)")
     return parser
+
+
+def _is_user_error(error: BaseException) -> bool:
+    """Errors whose message is written for the user (a bad flag, a missing file,
+    a refusal by the server): one line, no traceback."""
+    if isinstance(error, (ValueError, TypeError, OSError, ImportError)):
+        return True
+    rpc = sys.modules.get("keras_split_wire.rpc")  # not imported: none of its errors raised
+    return rpc is not None and isinstance(error, rpc.ServerError)
 
 
 def main(argv=None) -> int:
@@ -358,10 +450,17 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
     try:
+        args.quiet = getattr(args, "tensorflow", True) and quiet_tensorflow(args.verbose)
         return args.run(args)
-    except (ValueError, TypeError, OSError, PermissionError) as error:
+    except KeyboardInterrupt:
+        print("keras-split: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if not _is_user_error(error):
+            raise
         # User errors (a bad --cut, say) get the message, not a traceback.
-        print(f"keras-split: error: {error}", file=sys.stderr)
+        text = " ".join(str(error).split())
+        print(f"keras-split: error: {text}", file=sys.stderr)
         return 2
 
 

@@ -37,7 +37,7 @@ class SplitClient(trainer.LoopOwner):
         durable_checkpoints: also flush each checkpoint to disk (survives power
             loss, not only a killed process; costs an fsync per step).
         root_certificates, certificate, private_key, insecure, compression,
-            timeout, retry_for: as in `GrpcTransport`.
+            timeout, retry_for, tls_hint: as in `GrpcTransport`.
     """
 
     def __init__(self, model: keras.Model, server: str, token: str | None = None,
@@ -74,7 +74,12 @@ class SplitClient(trainer.LoopOwner):
         it sends (see `SplitModel.compile`); the server is unaware of it and
         the messages are the same. With a checkpoint in `checkpoint_dir`, the
         weights, optimizer state and session are restored from it first.
+
+        Raises:
+            ValueError: inside a `tf.distribute` strategy's scope, or with a
+                client half built in one, before any session is opened.
         """
+        trainer.check_single_device(self, "compile")
         options = dict(self._transport_options)
         if compression is not None:
             options["compression"] = compression

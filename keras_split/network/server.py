@@ -50,6 +50,7 @@ import contextlib
 import itertools
 import logging
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, NoReturn
@@ -239,6 +240,10 @@ class SplitServer:
         self._sessions = self.sessions  # the name tests and tools have used
         self._credentials = Credentials(dict(tokens or {}), mutual_tls=client_ca is not None)
         self._in_flight: Counter[str] = Counter()
+        # For `wait_for_rounds`: when the last call ended, and who has been
+        # told that the rounds are over.
+        self._last_call = time.monotonic()
+        self._told_finished: set[str] = set()
         self._model_lock = threading.Lock()
         self._workers = concurrent.futures.ThreadPoolExecutor(
             max_workers=max_workers, thread_name_prefix="keras-split-server")
@@ -336,6 +341,38 @@ class SplitServer:
         """Block until the server stops."""
         self._thread.join()
 
+    def wait_for_rounds(self, linger: float = 10.0, poll: float = 0.1) -> bool:
+        """Block until the coordinator's rounds are over and their clients are done.
+
+        Done means: the last round ended; every client that took part has been
+        told so (or has had `turn_timeout` seconds to ask since, which covers
+        one that died); and no call has been in flight for `linger` seconds.
+        Clients usually evaluate against the server once told (`keras-split
+        client --rounds` does), so `linger` should cover a client's pause
+        between being told and its first evaluation step. Then call `stop()`.
+
+        Returns:
+            True when the rounds are over and the clients quiet; False when the
+            server was stopped first.
+
+        Raises:
+            ValueError: this server runs no rounds (it has no coordinator).
+        """
+        if self.coordinator is None:
+            raise ValueError("`wait_for_rounds` needs a server that runs rounds: pass "
+                             "`coordinator=RoundCoordinator(...)` to SplitServer.")
+        ended = None
+        while self._loop.is_running():
+            now = time.monotonic()
+            if self.coordinator.finished:
+                ended = now if ended is None else ended
+                told = (set(self.coordinator.members) <= self._told_finished
+                        or now - ended >= self.coordinator.turn_timeout)
+                if told and not self._in_flight and now - self._last_call >= linger:
+                    return True
+            time.sleep(poll)
+        return False
+
     async def _expire_sessions(self) -> None:
         """Expire idle sessions, and end turns and rounds that timed out even when
         no client is asking (every client of a round may be gone)."""
@@ -403,6 +440,7 @@ class SplitServer:
                                 f"the {method} request is not a valid protobuf message")
 
     def _release(self, client_id: str) -> None:
+        self._last_call = time.monotonic()
         self._in_flight[client_id] -= 1
         if not self._in_flight[client_id]:
             del self._in_flight[client_id]
@@ -604,6 +642,10 @@ class SplitServer:
         if go:
             logger.info("event=turn.started client=%s round=%d", client_id, round_)
             await self._in_worker(self._save_locked)
+        if finished and client_id not in self._told_finished:
+            self._told_finished.add(client_id)
+            logger.info("event=client.finished client=%s rounds=%d", client_id,
+                        coordinator.rounds)
         return pb.TurnReply(go=go, round=round_, finished=finished,
                             weights=[wire.encode(w) for w in weights])
 

@@ -45,6 +45,9 @@ class GrpcTransport(Transport):
             Waits between attempts grow exponentially from `backoff` seconds
             up to `max_backoff`, with random jitter so that many clients do
             not return at the same instant.
+        tls_hint: how the user names the CA, for the TLS error: the Python
+            argument ("root_certificates", the default) or a command-line flag
+            ("--ca").
 
     Byte counters count the serialized request and reply messages: what is sent.
     """
@@ -52,13 +55,14 @@ class GrpcTransport(Transport):
     def __init__(self, address: str, token: str | None, root_certificates=None, certificate=None,
                  private_key=None, insecure: bool = False, compression=None,
                  timeout: float = 30.0, retry_for: float = 60.0, backoff: float = 0.1,
-                 max_backoff: float = 2.0):
+                 max_backoff: float = 2.0, tls_hint: str = "root_certificates"):
         super().__init__()
         self.address = address
         self.codec = codecs.get(compression)
         self._metadata = () if token is None else (("authorization", f"Bearer {token}"),)
         self._credentials = None if insecure else rpc.credentials(
             root_certificates, certificate, private_key)
+        self.tls_hint = tls_hint
         self.policy = rpc.Retry(timeout=timeout, retry_for=retry_for, backoff=backoff,
                                 max_backoff=max_backoff)
         self._channel: grpc.Channel | None = None
@@ -99,7 +103,8 @@ class GrpcTransport(Transport):
         return reply.last_step
 
     def _call(self, method, request):
-        return rpc.call(method, request, self._metadata, self.policy, self.address)
+        return rpc.call(method, request, self._metadata, self.policy, self.address,
+                        tls_hint=self.tls_hint)
 
     def _exchange(self, message: Activations) -> tuple[Reply, int, int]:
         if self.session_id is None:
