@@ -56,7 +56,8 @@ def test_max_pool_gradient_goes_to_the_first_maximum_like_tensorflow(rng, pool):
 
 @pytest.mark.parametrize(("name", "function", "reference"), [
     ("relu", ops.relu, tf.nn.relu), ("sigmoid", ops.sigmoid, tf.math.sigmoid),
-    ("tanh", ops.tanh, tf.math.tanh), ("flatten", ops.flatten,
+    ("tanh", ops.tanh, tf.math.tanh), ("softmax", ops.softmax, tf.nn.softmax),
+    ("flatten", ops.flatten,
                                        lambda a: tf.reshape(a, [-1, 60])),
     ("average_pool", lambda a: ops.average_pool(a, (2, 2)),
      lambda a: tf.nn.avg_pool2d(a, 2, 2, "VALID")),
@@ -241,3 +242,97 @@ def test_exports_use_the_names_the_device_runtime_reads(tmp_path):
         assert sorted(i.name for i in graph.get_outputs()) == sorted(outputs), key
     with np.load(files[names.ONNX_STATE]) as data:
         assert sorted(data.files) == sorted(p + b + o + [names.STEP, names.WEIGHT_ORDER])
+
+
+@pytest.mark.parametrize(("size", "kernel", "strides", "padding", "multiplier"), [
+    (8, 3, (1, 1), "VALID", 1), (8, 3, (1, 1), "SAME", 1), (9, 3, (2, 2), "SAME", 1),
+    (9, 3, (2, 2), "VALID", 1), (10, 5, (2, 2), "SAME", 1), (7, 2, (2, 1), "VALID", 2),
+    (8, 3, (2, 2), "SAME", 3),
+])
+def test_depthwise_conv2d_gradients_match_tensorflow(rng, size, kernel, strides, padding,
+                                                     multiplier):
+    x = rng.normal(size=(3, size, size + 1, 4)).astype("float32")
+    k = rng.normal(size=(kernel, kernel, 4, multiplier)).astype("float32")
+    mine = _gradients(lambda a, b: ops.depthwise_conv2d(a, b, strides, padding), [x, k], 6)
+    theirs = _gradients(lambda a, b: tf.nn.depthwise_conv2d(a, b, (1, *strides, 1), padding),
+                        [x, k], 6)
+    for a, b in zip(mine, theirs, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("pool", "strides", "padding"), [
+    ((3, 3), (2, 2), "VALID"), ((3, 3), (2, 2), "SAME"), ((2, 2), (2, 2), "SAME"),
+    ((3, 2), (1, 1), "SAME"), ((2, 2), (1, 1), "VALID"),
+])
+def test_overlapping_and_same_pooling_gradients_match_tensorflow(rng, pool, strides, padding):
+    # Small integers make many ties, also across overlapping windows.
+    x = rng.integers(0, 3, size=(2, 7, 8, 3)).astype("float32")
+    mine = _gradients(lambda a: ops.max_pool(a, pool, strides, padding), [x], 7)
+    theirs = _gradients(lambda a: tf.nn.max_pool2d(a, pool, strides, padding), [x], 7)
+    # Where windows overlap, a position that is the maximum of several windows
+    # sums their gradients in another order than MaxPoolGrad: equal to float32
+    # rounding (a gradient sent to the wrong position would be off by ~1).
+    np.testing.assert_allclose(mine[0], theirs[0], rtol=1e-5, atol=1e-6)
+    x = rng.normal(size=(2, 7, 8, 3)).astype("float32")
+    mine = _gradients(lambda a: ops.average_pool(a, pool, strides, padding), [x], 8)
+    theirs = _gradients(lambda a: tf.nn.avg_pool2d(a, pool, strides, padding), [x], 8)
+    np.testing.assert_allclose(mine[0], theirs[0], rtol=1e-5, atol=1e-6)
+
+
+def _keras_activation(name):
+    return lambda a: keras.activations.get(name)(a)
+
+
+@pytest.mark.parametrize(("function", "reference"), [
+    (ops.relu6, tf.nn.relu6),
+    (ops.hard_sigmoid, _keras_activation("hard_sigmoid")),
+    (ops.hard_silu, _keras_activation("hard_swish")),
+    (ops.silu, _keras_activation("swish")),
+    *[(lambda a, o=o: ops.keras_relu(a, **o),
+       lambda a, o=o: keras.activations.relu(a, **o))
+      for o in [{"max_value": 6.0}, {"max_value": 2.5}, {"negative_slope": 0.1},
+                {"threshold": 0.5}, {"negative_slope": 0.2, "max_value": 3.0, "threshold": -1.0},
+                {"negative_slope": 0.3, "max_value": 1.5}]],
+], ids=["relu6", "hard_sigmoid", "hard_swish", "swish", "relu_max6", "relu_max2.5",
+        "leaky", "threshold", "all_three", "slope_and_max"])
+def test_activation_gradients_match_tensorflow_at_every_kink(rng, function, reference):
+    x = rng.normal(size=(4, 3, 5, 6)).astype("float32") * 4
+    # The kinks themselves: TensorFlow's gradient there is what Keras users get.
+    x.flat[:9] = [0.0, 6.0, -3.0, 3.0, 2.5, 0.5, -1.0, 1.5, 3.0]
+    mine, theirs = _gradients(function, [x], 9)[0], _gradients(reference, [x], 9)[0]
+    np.testing.assert_allclose(function(x), reference(x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("name", "function", "reference"), [
+    ("global_average_pool", lambda a: ops.global_average_pool(a),
+     lambda a: tf.reduce_mean(a, axis=[1, 2])),
+    ("global_average_pool_keepdims", lambda a: ops.global_average_pool(a, keepdims=True),
+     lambda a: tf.reduce_mean(a, axis=[1, 2], keepdims=True)),
+    ("zero_pad", lambda a: ops.zero_pad(a, ((0, 1), (2, 1))),
+     lambda a: tf.pad(a, [[0, 0], [0, 1], [2, 1], [0, 0]])),
+    ("reshape", lambda a: ops.reshape(a, (5, 12)), lambda a: tf.reshape(a, [-1, 5, 12])),
+    ("scalar_arithmetic", lambda a: ops.scalar(ops.scalar(a, "add", 3.0), "multiply", 1 / 6),
+     lambda a: (a + 3.0) * (1 / 6)),
+    ("constant_first", lambda a: ops.scalar(ops.scalar(a, "subtract", 2.0, True), "divide",
+                                            1.5, True),
+     lambda a: 1.5 / (2.0 - a)),
+])
+def test_shape_and_arithmetic_gradients_match_tensorflow(rng, name, function, reference):
+    x = rng.normal(size=(2, 4, 5, 3)).astype("float32")
+    np.testing.assert_allclose(function(x), reference(x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(_gradients(function, [x], 10)[0], _gradients(reference, [x], 10)[0],
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("shapes", "op", "reference"), [
+    ([(2, 4, 5, 3), (2, 1, 1, 3)], ops.multiply, lambda a, b: a * b),
+    ([(2, 4, 5, 3), (2, 4, 5, 3), (2, 1, 5, 1)], ops.multiply, lambda a, b, c: a * b * c),
+    ([(2, 4, 5, 3), (2, 1, 1, 3)], ops.add, lambda a, b: a + b),
+])
+def test_broadcasting_multiply_and_add_gradients_match_tensorflow(rng, shapes, op, reference):
+    # A squeeze-and-excitation block scales [B, H, W, C] by [B, 1, 1, C].
+    x = [rng.normal(size=s).astype("float32") for s in shapes]
+    mine = _gradients(lambda *a: op(list(a)), x, 11)
+    for a, b in zip(mine, _gradients(reference, x, 11), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

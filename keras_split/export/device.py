@@ -34,6 +34,12 @@ def _spec(tensor, name):
     return tf.TensorSpec([None, *tensor.shape[1:]], tensor.dtype, name=name)
 
 
+def _function(python_function, input_signature):
+    # No AutoGraph: the program has no Python control flow over tensors, and
+    # converting every rule and gradient closure costs seconds per layer.
+    return tf.function(python_function, input_signature=input_signature, autograph=False)
+
+
 class DeviceModule(tf.Module):
     """Variables and signatures of an exported client half."""
 
@@ -63,13 +69,13 @@ class DeviceModule(tf.Module):
                  for i, s in enumerate(self.slots)]
         step = [tf.TensorSpec([], tf.float32, name=device_names.STEP)]
         self.functions = {
-            device_names.INFER: tf.function(self._infer, input_signature=inputs),
-            device_names.FORWARD: tf.function(self._forward, input_signature=inputs),
-            device_names.TRAIN: tf.function(self._train, input_signature=inputs + grads),
-            device_names.GET_WEIGHTS: tf.function(self._get_weights, input_signature=[]),
-            device_names.SET_WEIGHTS: tf.function(self._set_weights, input_signature=weights),
-            device_names.GET_OPTIMIZER: tf.function(self._get_optimizer, input_signature=[]),
-            device_names.SET_OPTIMIZER: tf.function(self._set_optimizer,
+            device_names.INFER: _function(self._infer, input_signature=inputs),
+            device_names.FORWARD: _function(self._forward, input_signature=inputs),
+            device_names.TRAIN: _function(self._train, input_signature=inputs + grads),
+            device_names.GET_WEIGHTS: _function(self._get_weights, input_signature=[]),
+            device_names.SET_WEIGHTS: _function(self._set_weights, input_signature=weights),
+            device_names.GET_OPTIMIZER: _function(self._get_optimizer, input_signature=[]),
+            device_names.SET_OPTIMIZER: _function(self._set_optimizer,
                                                     input_signature=slots + step),
         }
 

@@ -9,11 +9,13 @@ model); the batch size stays dynamic.
 
 Every gradient here matches TensorFlow's own to float32 rounding, including
 max-pool ties, which go to the first maximum of each window in row-major
-order, as `MaxPoolGrad` does (tests compare them).
+order, as `MaxPoolGrad` does, and the gradient at each activation's kink
+(ReLU6 at 0 and 6, hard swish at -3 and 3), as TensorFlow's (tests compare them).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 
@@ -61,36 +63,98 @@ def conv2d(x, kernel, strides=(1, 1), padding="VALID"):
     return forward(x, kernel)
 
 
-def _conv_input_gradient(g, kernel, x_shape, strides, padding):
-    # dx_padded = full correlation of the dilated gradient with the kernel
-    # flipped in space and transposed in channels; then crop the padding.
-    kh, kw = kernel.shape[0], kernel.shape[1]
+def _spread(g, kernel_hw, x_shape, strides, padding):
+    """The output gradient laid out for a full correlation with the flipped kernel.
+
+    Dilating `g` by the strides and padding it by the kernel size less one
+    makes `conv(spread, flipped kernel, VALID)` the gradient of the padded
+    input; crop it with the returned (top, left) offsets.
+    """
+    kh, kw = kernel_hw
     (top, bottom), (left, right) = _pads(x_shape, (kh, kw), strides, padding)
-    flipped = tf.transpose(kernel[::-1, ::-1], [0, 1, 3, 2])
     d = _dilate(g, strides)
     rows = x_shape[1] + top + bottom - (d.shape[1] + kh - 1)
     cols = x_shape[2] + left + right - (d.shape[2] + kw - 1)
     d = tf.pad(d, [[0, 0], [kh - 1, kh - 1 + rows], [kw - 1, kw - 1 + cols], [0, 0]])
+    return d, top, left
+
+
+def _conv_input_gradient(g, kernel, x_shape, strides, padding):
+    # dx_padded = full correlation of the dilated gradient with the kernel
+    # flipped in space and transposed in channels; then crop the padding.
+    flipped = tf.transpose(kernel[::-1, ::-1], [0, 1, 3, 2])
+    d, top, left = _spread(g, kernel.shape[:2], x_shape, strides, padding)
     full = tf.nn.conv2d(d, flipped, (1, 1), "VALID")
     return full[:, top: top + x_shape[1], left: left + x_shape[2], :]
+
+
+def _patches(x, kernel_hw, out_hw, strides, padding):
+    """The kh * kw strided views of (padded) `x` that meet each kernel tap (im2col)."""
+    kh, kw = kernel_hw
+    (top, bottom), (left, right) = _pads(x.shape, (kh, kw), strides, padding)
+    if top or bottom or left or right:
+        x = tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
+    oh, ow = out_hw
+    return [x[:, i: i + (oh - 1) * strides[0] + 1: strides[0],
+              j: j + (ow - 1) * strides[1] + 1: strides[1], :]
+            for i in range(kh) for j in range(kw)]
 
 
 def _conv_kernel_gradient(x, g, kernel_shape, strides, padding):
     # dK[i, j] = sum over batch and positions of x_patch(i, j)^T g: one matmul
     # over the patches gathered by strided slices (im2col).
     kh, kw, cin, cout = kernel_shape
-    (top, bottom), (left, right) = _pads(x.shape, (kh, kw), strides, padding)
-    if top or bottom or left or right:
-        x = tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
-    oh, ow = g.shape[1], g.shape[2]
-    patches = [
-        x[:, i: i + (oh - 1) * strides[0] + 1: strides[0],
-          j: j + (ow - 1) * strides[1] + 1: strides[1], :]
-        for i in range(kh) for j in range(kw)
-    ]
+    patches = _patches(x, (kh, kw), g.shape[1:3], strides, padding)
     columns = tf.reshape(tf.stack(patches, axis=3), [-1, kh * kw * cin])
     gradient = tf.matmul(columns, tf.reshape(g, [-1, cout]), transpose_a=True)
     return tf.reshape(gradient, [kh, kw, cin, cout])
+
+
+def depthwise_conv2d(x, kernel, strides=(1, 1), padding="VALID"):
+    """NHWC depthwise convolution, kernel [kh, kw, channels, multiplier] (no dilation)."""
+    strides, padding = tuple(strides), padding.upper()
+
+    @tf.custom_gradient
+    def forward(x, kernel):
+        y = tf.nn.depthwise_conv2d(x, kernel, (1, *strides, 1), padding)
+
+        def backward(g):
+            return _depthwise_input_gradient(g, kernel, x.shape, strides, padding), \
+                _depthwise_kernel_gradient(x, g, kernel.shape, strides, padding)
+
+        return y, backward
+
+    return forward(x, kernel)
+
+
+def _depthwise_input_gradient(g, kernel, x_shape, strides, padding):
+    # As for a convolution, channel by channel: the spread gradient correlated
+    # with the spatially flipped kernel. Output channel c * multiplier + m
+    # comes from input channel c, so with a multiplier each m is one
+    # depthwise pass over its slice of the gradient, and the passes add up.
+    kh, kw, channels, multiplier = kernel.shape
+    flipped = kernel[::-1, ::-1]
+    d, top, left = _spread(g, (kh, kw), x_shape, strides, padding)
+    if multiplier == 1:
+        full = tf.nn.depthwise_conv2d(d, flipped, (1, 1, 1, 1), "VALID")
+    else:
+        d = tf.reshape(d, [-1, d.shape[1], d.shape[2], channels, multiplier])
+        full = tf.add_n([tf.nn.depthwise_conv2d(d[..., m], flipped[..., m: m + 1],
+                                                (1, 1, 1, 1), "VALID")
+                         for m in range(multiplier)])
+    return full[:, top: top + x_shape[1], left: left + x_shape[2], :]
+
+
+def _depthwise_kernel_gradient(x, g, kernel_shape, strides, padding):
+    # dK[i, j, c, m] = sum over batch and positions of x_patch(i, j)[c] *
+    # g[c * multiplier + m]: the patches times the gradient, summed over
+    # batch and positions (rank 3 throughout, which every runtime broadcasts).
+    kh, kw, channels, multiplier = kernel_shape
+    patches = _patches(x, (kh, kw), g.shape[1:3], strides, padding)
+    columns = tf.reshape(tf.stack(patches, axis=3), [-1, kh * kw, channels])
+    g = tf.reshape(g, [-1, 1, channels, multiplier])
+    taps = [tf.reduce_sum(columns * g[..., m], axis=0) for m in range(multiplier)]
+    return tf.reshape(tf.stack(taps, axis=-1), [kh, kw, channels, multiplier])
 
 
 @tf.custom_gradient
@@ -138,6 +202,194 @@ def tanh(x):
     return y, backward
 
 
+def _mask(condition, like):
+    return tf.cast(condition, like.dtype)
+
+
+@tf.custom_gradient
+def relu6(x):
+    y = tf.nn.relu6(x)
+
+    def backward(g):
+        # Relu6Grad: the gradient passes strictly inside (0, 6).
+        return g * _mask(tf.logical_and(x > 0, x < 6), g)
+
+    return y, backward
+
+
+def keras_relu(x, negative_slope=0.0, max_value=None, threshold=0.0):
+    """`keras.activations.relu` with all its options (the `ReLU` layer), computed
+    as Keras computes it, with TensorFlow's gradient at every kink."""
+    if not negative_slope and not threshold:
+        if max_value is None:
+            return relu(x)
+        if max_value == 6:
+            return relu6(x)
+    slope, top, threshold = float(negative_slope), max_value, float(threshold)
+
+    @tf.custom_gradient
+    def forward(x):
+        if slope and top is None and not threshold:
+            def leaky_backward(g):
+                return tf.where(x > 0, g, g * slope)  # LeakyReluGrad
+
+            return tf.nn.leaky_relu(x, alpha=slope), leaky_backward
+        # The same steps as Keras's ReLU.static_call.
+        if threshold:
+            passes = _mask(x > threshold, x)
+            y = tf.where(x > threshold, x, tf.zeros_like(x))
+            clip = top is not None
+        elif top == 6:
+            y, passes, clip = tf.nn.relu6(x), _mask(tf.logical_and(x > 0, x < 6), x), False
+        else:
+            y, passes, clip = tf.nn.relu(x), _mask(x > 0, x), top is not None
+        if clip:
+            # clip_by_value's gradient passes at the bounds themselves.
+            # (A negative threshold lets values below 0 through to the clip.)
+            passes = passes * _mask(tf.logical_and(y >= 0, y <= float(top)), x)
+            y = tf.minimum(tf.maximum(y, 0.0), float(top))
+        below = None
+        if slope:
+            negative = threshold - x if threshold else -x
+            below = _mask(negative > 0, x)
+            y = y - slope * tf.nn.relu(negative)
+
+        def backward(g):
+            dx = g * passes
+            return dx if below is None else dx + slope * (g * below)
+
+        return y, backward
+
+    return forward(x)
+
+
+@tf.custom_gradient
+def hard_sigmoid(x):
+    """`relu6(x + 3) / 6`, as Keras computes it."""
+    shifted = x + 3.0
+    y = tf.nn.relu6(shifted) / 6.0
+
+    def backward(g):
+        return (g / 6.0) * _mask(tf.logical_and(shifted > 0, shifted < 6), g)
+
+    return y, backward
+
+
+@tf.custom_gradient
+def hard_silu(x):
+    """Hard swish, `x * relu6(x + 3) / 6`, as Keras computes it."""
+    shifted = x + 3.0
+    gate = tf.nn.relu6(shifted) / 6.0
+
+    def backward(g):
+        inside = _mask(tf.logical_and(shifted > 0, shifted < 6), g)
+        return g * gate + (g * x / 6.0) * inside
+
+    return x * gate, backward
+
+
+@tf.custom_gradient
+def silu(x):
+    """Swish, `x * sigmoid(x)`, with `tf.nn.silu`'s own gradient formula."""
+    s = tf.math.sigmoid(x)
+
+    def backward(g):
+        return g * (s * (1.0 + x * (1.0 - s)))
+
+    return x * s, backward
+
+
+@tf.custom_gradient
+def softmax(x):
+    """Softmax over the last axis."""
+    y = tf.nn.softmax(x)
+
+    def backward(g):
+        return (g - tf.reduce_sum(g * y, axis=-1, keepdims=True)) * y
+
+    return y, backward
+
+
+def _unbroadcast(g, shape):
+    """Sum `g` over the axes a tensor of `shape` was broadcast along."""
+    axes = [a for a in range(1, len(g.shape)) if shape[a] == 1 and g.shape[a] != 1]
+    return tf.reduce_sum(g, axis=axes, keepdims=True) if axes else g
+
+
+def add(tensors):
+    """Elementwise sum of same-rank tensors, broadcasting along size-1 axes."""
+    shapes = [t.shape for t in tensors]
+
+    @tf.custom_gradient
+    def forward(*tensors):
+        y = tensors[0]
+        for t in tensors[1:]:
+            y = y + t
+
+        def backward(g):
+            return tuple(_unbroadcast(g, shape) for shape in shapes)
+
+        return y, backward
+
+    return forward(*tensors)
+
+
+def multiply(tensors):
+    """Elementwise product of same-rank tensors, broadcasting along size-1 axes
+    (a squeeze-and-excitation block scales [B, H, W, C] by [B, 1, 1, C])."""
+    shapes = [t.shape for t in tensors]
+
+    @tf.custom_gradient
+    def forward(*tensors):
+        y = tensors[0]
+        for t in tensors[1:]:
+            y = y * t
+
+        def backward(g):
+            grads = []
+            for i, shape in enumerate(shapes):
+                others = [t for j, t in enumerate(tensors) if j != i]
+                product = others[0]
+                for t in others[1:]:
+                    product = product * t
+                grads.append(_unbroadcast(g * product, shape))
+            return tuple(grads)
+
+        return y, backward
+
+    return forward(*tensors)
+
+
+def scalar(x, operation, constant, constant_first=False):
+    """`x <op> constant` (or `constant <op> x`) for op in + - * /: what Python
+    arithmetic on a symbolic Keras tensor leaves in the graph."""
+    c = float(constant)
+
+    @tf.custom_gradient
+    def forward(x):
+        if operation == "add":
+            y = c + x if constant_first else x + c
+        elif operation == "subtract":
+            y = c - x if constant_first else x - c
+        elif operation == "multiply":
+            y = c * x if constant_first else x * c
+        else:
+            y = c / x if constant_first else x / c
+
+        def backward(g):
+            if operation == "add":
+                return g
+            if operation == "subtract":
+                return -g if constant_first else g
+            if operation == "multiply":
+                return g * c
+            return -g * c / (x * x) if constant_first else g / c
+
+        return y, backward
+
+    return forward(x)
+
+
 def _interleave(parts, pool, x_shape):
     """Inverse of taking `x[:, i::ph, j::pw]` for each window position (i, j):
     put each part back at its positions; rows and columns pooling dropped get 0."""
@@ -169,8 +421,11 @@ def _windows(x, pool):
     return [kept[:, i::ph, j::pw, :] for i in range(ph) for j in range(pw)]
 
 
-def max_pool(x, pool):
-    """Non-overlapping max pooling (strides equal to the pool size, VALID)."""
+def max_pool(x, pool, strides=None, padding="VALID"):
+    """Max pooling; non-overlapping VALID windows take the fast path below."""
+    pool, strides, padding = tuple(pool), tuple(strides or pool), padding.upper()
+    if strides != pool or padding != "VALID":
+        return _max_pool_general(x, pool, strides, padding)
 
     @tf.custom_gradient
     def forward(x):
@@ -208,8 +463,63 @@ def max_pool(x, pool):
     return forward(x)
 
 
-def average_pool(x, pool):
-    """Non-overlapping average pooling (strides equal to the pool size, VALID)."""
+def _place(part, offset, strides, padded_hw):
+    """Put the window position `offset`'s values back where they came from in
+    the padded input (the inverse of a strided slice), zeros elsewhere."""
+    part = _dilate(part, strides)
+    (i, j), (rows, cols) = offset, padded_hw
+    return tf.pad(part, [[0, 0], [i, rows - i - part.shape[1]], [j, cols - j - part.shape[2]],
+                         [0, 0]])
+
+
+def _max_pool_general(x, pool, strides, padding):
+    """Overlapping or SAME max pooling: each window's gradient goes to its first
+    maximum in row-major order (as `MaxPoolGrad`); overlapping windows add up."""
+    (top, bottom), (left, right) = _pads(x.shape, pool, strides, padding)
+
+    @tf.custom_gradient
+    def forward(x):
+        y = tf.nn.max_pool2d(x, pool, strides, padding)
+
+        def backward(g):
+            padded = x
+            if top or bottom or left or right:
+                # SAME windows never take a padded position: pad with the lowest float.
+                padded = tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]],
+                                constant_values=x.dtype.min)
+            hw = padded.shape[1:3]
+            windows = _patches(padded, pool, y.shape[1:3], strides, "VALID")
+            free, total = tf.ones_like(g), None
+            for k, window in enumerate(windows):
+                share = free * _mask(tf.equal(window, y), g)
+                free = free - share
+                part = _place(g * share, divmod(k, pool[1]), strides, hw)
+                total = part if total is None else total + part
+            return total[:, top: top + x.shape[1], left: left + x.shape[2], :]
+
+        return y, backward
+
+    return forward(x)
+
+
+def _window_counts(x_shape, pool, strides, padding):
+    """How many input positions each output window averages (SAME windows at the
+    border hold fewer), as a [1, oh, ow, 1] constant."""
+    counts = []
+    for axis in range(2):
+        size, kernel, stride = x_shape[axis + 1], pool[axis], strides[axis]
+        before = _pads(x_shape, pool, strides, padding)[axis][0]
+        out = -(-size // stride) if padding == "SAME" else (size - kernel) // stride + 1
+        starts = np.arange(out) * stride - before
+        counts.append(np.minimum(starts + kernel, size) - np.maximum(starts, 0))
+    return tf.constant(np.outer(*counts).astype("float32")[None, :, :, None])
+
+
+def average_pool(x, pool, strides=None, padding="VALID"):
+    """Average pooling; non-overlapping VALID windows take the fast path below."""
+    pool, strides, padding = tuple(pool), tuple(strides or pool), padding.upper()
+    if strides != pool or padding != "VALID":
+        return _average_pool_general(x, pool, strides, padding)
     count = float(pool[0] * pool[1])
 
     @tf.custom_gradient
@@ -222,25 +532,89 @@ def average_pool(x, pool):
     return forward(x)
 
 
+def _average_pool_general(x, pool, strides, padding):
+    """Overlapping or SAME average pooling. Its gradient is a depthwise
+    convolution's input gradient with a kernel of ones, applied to the output
+    gradient divided by each window's count (`AvgPoolGrad`)."""
+    counts = _window_counts(x.shape, pool, strides, padding)
+    ones = tf.ones([pool[0], pool[1], x.shape[3], 1], x.dtype)
+
+    @tf.custom_gradient
+    def forward(x):
+        def backward(g):
+            return _depthwise_input_gradient(g / counts, ones, x.shape, strides, padding)
+
+        return tf.nn.avg_pool2d(x, pool, strides, padding), backward
+
+    return forward(x)
+
+
+def global_average_pool(x, keepdims=False):
+    """The mean over height and width (`GlobalAveragePooling2D`)."""
+    height, width, channels = x.shape[1], x.shape[2], x.shape[3]
+    count = float(height * width)
+
+    @tf.custom_gradient
+    def forward(x):
+        def backward(g):
+            g = tf.reshape(g, [-1, 1, 1, channels]) / count
+            return tf.tile(g, [1, height, width, 1])
+
+        return tf.reduce_mean(x, axis=[1, 2], keepdims=keepdims), backward
+
+    return forward(x)
+
+
+def zero_pad(x, padding):
+    """`ZeroPadding2D`: padding is ((top, bottom), (left, right))."""
+    (top, bottom), (left, right) = padding
+    height, width = x.shape[1], x.shape[2]
+
+    @tf.custom_gradient
+    def forward(x):
+        def backward(g):
+            return g[:, top: top + height, left: left + width, :]
+
+        return tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]]), backward
+
+    return forward(x)
+
+
+def reshape(x, shape):
+    """Reshape every sample to `shape` (without the batch axis, fully known)."""
+    source = list(x.shape[1:])
+
+    @tf.custom_gradient
+    def forward(x):
+        def backward(g):
+            return tf.reshape(g, [-1, *source])
+
+        return tf.reshape(x, [-1, *shape]), backward
+
+    return forward(x)
+
+
 def batch_norm_train(x, gamma, beta, epsilon):
     """Batch normalization with batch statistics over all axes but the last.
 
-    Returns the output, the batch mean and the (biased) batch variance.
+    Returns the output, the batch mean and the (biased) batch variance. The
+    forward pass is Keras's arithmetic, operation for operation (`tf.nn.moments`,
+    then `tf.nn.batch_normalization`): the same values as the Keras client, so
+    no activation lands on the other side of a ReLU kink for rounding alone.
     """
     axes = list(range(len(x.shape) - 1))
 
     @tf.custom_gradient
     def forward(x, gamma, beta):
         mean = tf.reduce_mean(x, axis=axes)
-        centered = x - mean
-        variance = tf.reduce_mean(centered * centered, axis=axes)
-        inverse = tf.math.rsqrt(variance + epsilon)
-        normalized = centered * inverse
-        y = normalized * gamma + beta
+        variance = tf.reduce_mean(tf.math.squared_difference(x, mean), axis=axes)
+        y = _normalize(x, mean, variance, gamma, beta, epsilon)
 
         def backward(g, _mean_gradient, _variance_gradient):
             # The statistics feed only the moving averages, which take no
             # gradient; the closed form below is d(loss)/dx through y.
+            inverse = tf.math.rsqrt(variance + epsilon)
+            normalized = (x - mean) * inverse
             count = tf.cast(tf.size(x) // tf.shape(x)[-1], x.dtype)
             dnormalized = g * gamma
             sum_d = tf.reduce_sum(dnormalized, axis=axes)
@@ -253,8 +627,14 @@ def batch_norm_train(x, gamma, beta, epsilon):
     return forward(x, gamma, beta)
 
 
+def _normalize(x, mean, variance, gamma, beta, epsilon):
+    # tf.nn.batch_normalization's arithmetic: one multiply and one add per value.
+    inverse = tf.math.rsqrt(variance + epsilon) * gamma
+    return x * inverse + (beta - mean * inverse)
+
+
 def batch_norm_infer(x, gamma, beta, mean, variance, epsilon):
-    return (x - mean) * tf.math.rsqrt(variance + epsilon) * gamma + beta
+    return _normalize(x, mean, variance, gamma, beta, epsilon)
 
 
 @tf.custom_gradient
