@@ -123,6 +123,16 @@ class ClientRole:
         # Each entry lives for one call of step(); nothing carries over.
         self._sends: dict[int, Callable] = {}
         self._keys = itertools.count()
+        self._fused: dict[int, Callable] = {}  # fused steps, by in-process server
+        # What a forward pass writes before anyone knows whether the step will
+        # be applied (moving statistics, seed states): kept, and put back when
+        # the step is refused or the client diverged.
+        self._state = list(model.non_trainable_variables)
+        self._keep_state = tf.function(lambda: [tf.identity(v) for v in self._state])
+
+    def _put_back_state(self, kept) -> None:
+        for variable, value in zip(self._state, kept, strict=True):
+            variable.assign(value)
 
     def _forward_fn(self, x, training=True):
         activations = as_tuple(self.model(x, training=training))
@@ -219,13 +229,18 @@ class ClientRole:
                 raise
 
         self._sends[key] = deliver
+        kept = self._keep_state() if self._state else []
         try:
             regularization, logs = self._step(tf.constant(key, tf.int64), x)
         except tf.errors.OpError:
+            self._put_back_state(kept)
             if outcome.get("diverged"):
                 return Reply(step=-1, logs={"loss": float("nan")}), float("nan")
             if "error" in outcome:
                 raise outcome["error"] from None
+            raise
+        except BaseException:
+            self._put_back_state(kept)
             raise
         finally:
             del self._sends[key]
@@ -234,6 +249,85 @@ class ClientRole:
             reply = replace(
                 reply, logs={**reply.logs, **{k: float(v) for k, v in logs.items()}})
         return reply, float(regularization)
+
+    def _fused_fn(self, server: ServerRole, x, labels, sample_weight):
+        kept = [tf.identity(v) for v in self._state]  # read before the forward pass writes
+        with tf.GradientTape() as tape:
+            activations, regularization = self._forward_fn(x)
+            own_loss, logs = regularization, {}
+            if self.objective is not None:
+                own_loss, logs = self._objective_fn(x, activations, regularization)
+        finite = _all_finite(activations)
+        magnitude = tf.reduce_max(tf.stack([
+            tf.cast(tf.reduce_max(tf.abs(a)), tf.float64) for a in activations]))
+        sendable = finite & (magnitude <= server.max_activation)
+        # What crosses: the values only (the server's tape starts from them).
+        sent = [tf.stop_gradient(a) for a in activations]
+
+        def serve():
+            loss_ok, grads_ok, state_ok, loss, cut, server_logs = server._train_fn(
+                sent, labels, sample_weight)
+            return loss_ok, grads_ok, state_ok, loss, list(cut), server_logs
+
+        def refuse():
+            no = tf.constant(False)
+            return (no, no, no, tf.constant(np.nan, server.loss_tracker.dtype),
+                    [tf.zeros_like(a) for a in sent], server._results())
+
+        loss_ok, grads_ok, state_ok, loss, cut, server_logs = tf.cond(sendable, serve, refuse)
+        accepted = sendable & loss_ok & grads_ok & state_ok
+        gradients = self._variable_gradients(tape, activations, own_loss, cut)
+
+        def apply():
+            self._apply_fn(gradients)
+            return tf.constant(True)
+
+        tf.cond(accepted, apply, lambda: tf.constant(False))
+        return finite, magnitude, loss_ok, grads_ok, state_ok, loss, cut, server_logs, \
+            regularization, logs, kept
+
+    def fused_step(self, x, server: ServerRole, message: Activations) -> tuple[Reply, float]:
+        """`step` with the server's step in the same compiled call (both in process).
+
+        The server half sees the cut values only (its tape starts from them),
+        and every check and refusal of `ServerRole.handle` holds: a message
+        the server would refuse raises the same `ValueError` and changes
+        nothing on either side. `message` carries the step, labels, sample
+        weights and `reset_metrics`; its `tensors` are the batch size's
+        placeholder (`message.tensors[0]` has the batch's length).
+        """
+        if not server._built:  # its first message builds it from real cut values
+            activations, _ = self.infer(x)
+            server.prepare(replace(message, tensors=tuple(np.asarray(a) for a in activations)))
+        server.prepare(message)
+        function = self._fused.get(id(server))
+        if function is None:
+            function = tf.function(lambda x, y, w: self._fused_fn(server, x, y, w),
+                                   reduce_retracing=True)
+            self._fused[id(server)] = function
+        kept = server._keep()
+        mine: list = []
+        try:
+            if message.reset_metrics:
+                server.reset_metrics()
+            (finite, magnitude, loss_ok, grads_ok, state_ok, loss, cut, server_logs,
+             regularization, logs, mine) = function(x, message.labels, message.sample_weight)
+            if not bool(finite):
+                server._put_back(kept)
+                self._put_back_state(mine)
+                return Reply(step=-1, logs={"loss": float("nan")}), float("nan")
+            if float(magnitude) > server.max_activation:
+                raise _too_large("activations", float(magnitude), server.max_activation)
+            server._refuse_unless_accepted(loss_ok, grads_ok, state_ok, loss)
+        except BaseException:
+            server._put_back(kept)
+            if mine:
+                self._put_back_state(mine)
+            raise
+        reply_logs = {k: float(v) for k, v in server_logs.items()}
+        reply_logs.update({k: float(v) for k, v in logs.items()})
+        return (Reply(step=message.step, gradients=tuple(np.asarray(g) for g in cut),
+                      logs=reply_logs), float(regularization))
 
     def forward(self, x, input_gradients: bool = False) -> ClientStep:
         """Training forward pass: run the client half under a gradient tape.
@@ -419,18 +513,29 @@ def check_message(message: Activations, max_activation: float = MAX_ACTIVATION,
             raise ValueError(f"`{where}` contains NaN or Inf; expected finite values (a client "
                              "sends these when its half diverged: lower its learning rate).")
         if max(-low, high) > max_activation:
-            raise ValueError(
-                f"`{where}` holds a value of magnitude {max(-low, high):.3g}, above the "
-                f"server's limit of {max_activation:g} (`max_activation`). Normalise the "
-                "inputs, or raise `max_activation` if the model really produces such values.")
-    for where, leaf in _leaves(message.labels, "labels"):
+            raise _too_large(where, max(-low, high), max_activation)
+    check_labels(message.labels, message.sample_weight, batch, max_sample_weight)
+    return batch
+
+
+def _too_large(where: str, magnitude: float, max_activation: float) -> ValueError:
+    return ValueError(
+        f"`{where}` holds a value of magnitude {magnitude:.3g}, above the "
+        f"server's limit of {max_activation:g} (`max_activation`). Normalise the "
+        "inputs, or raise `max_activation` if the model really produces such values.")
+
+
+def check_labels(labels, sample_weight, batch: int,
+                 max_sample_weight: float = MAX_SAMPLE_WEIGHT) -> None:
+    """The label and sample-weight part of `check_message`, for a batch of `batch`."""
+    for where, leaf in _leaves(labels, "labels"):
         array = _numbers(leaf, where)
         if array.ndim == 0 or array.shape[0] != batch:
             raise ValueError(f"`{where}` has shape {array.shape}; expected {batch} samples "
                              "first, one label per sample of the activations.")
         if not _finite(array):
             raise ValueError(f"`{where}` contains NaN or Inf; expected finite values.")
-    for where, leaf in _leaves(message.sample_weight, "sample_weight"):
+    for where, leaf in _leaves(sample_weight, "sample_weight"):
         array = _numbers(leaf, where, kinds="iuf")
         if array.ndim == 0 or array.shape[0] != batch:
             raise ValueError(f"`{where}` has shape {array.shape}; expected {batch} samples "
@@ -442,7 +547,6 @@ def check_message(message: Activations, max_activation: float = MAX_ACTIVATION,
             raise ValueError(
                 f"`{where}` must hold finite numbers in [0, {max_sample_weight:g}] "
                 f"(`max_sample_weight`); received values from {low:g} to {high:g}.")
-    return batch
 
 
 def _sparse_categorical(loss) -> tuple[bool, object]:
@@ -746,6 +850,39 @@ class ServerRole:
         self.loss_tracker.reset_state()
         self.model.reset_metrics()
 
+    @staticmethod
+    def _refuse_unless_accepted(loss_ok, grads_ok, state_ok, loss) -> None:
+        if not bool(loss_ok):
+            raise ValueError(
+                f"Refused the step: its loss is not finite ({float(loss)}); expected a "
+                f"finite loss. {_NOTHING_CHANGED} Check the labels and sample weights; if "
+                "training diverged, lower the learning rate.")
+        if not bool(grads_ok):
+            raise ValueError(
+                "Refused the step: its gradients are not finite, or so large that their "
+                "squares overflow (as optimizers such as Adam compute them). "
+                f"{_NOTHING_CHANGED}")
+        if not bool(state_ok):
+            raise ValueError(
+                "Refused the step: its forward pass made non-trainable state (such as "
+                "BatchNormalization's moving variance) non-finite. "
+                f"{_NOTHING_CHANGED} Lower `max_activation`.")
+
+    def prepare(self, message: Activations) -> None:
+        """The checks `handle` makes before it runs anything that needs no cut
+        values (labels, sample weights, classes), and the first message's build.
+        For a fused in-process step (`ClientRole.fused_step`)."""
+        if message.labels is None:
+            raise ValueError(
+                f"A {message.mode!r} message needs labels: the server computes the loss. "
+                "Pass `y` to fit()/evaluate()."
+            )
+        batch = len(message.tensors[0])
+        check_labels(message.labels, message.sample_weight, batch, self.max_sample_weight)
+        self._check_classes(message.labels)
+        if not self._built:
+            self._build(message)
+
     def handle(self, message: Activations) -> Reply:
         """Process one message from a client and return the reply.
 
@@ -777,21 +914,7 @@ class ServerRole:
                 loss_ok, loss, logs = self._evaluate(
                     message.tensors, message.labels, message.sample_weight)
                 grads_ok, state_ok, grads = True, True, ()
-            if not bool(loss_ok):
-                raise ValueError(
-                    f"Refused the step: its loss is not finite ({float(loss)}); expected a "
-                    f"finite loss. {_NOTHING_CHANGED} Check the labels and sample weights; if "
-                    "training diverged, lower the learning rate.")
-            if not bool(grads_ok):
-                raise ValueError(
-                    "Refused the step: its gradients are not finite, or so large that their "
-                    "squares overflow (as optimizers such as Adam compute them). "
-                    f"{_NOTHING_CHANGED}")
-            if not bool(state_ok):
-                raise ValueError(
-                    "Refused the step: its forward pass made non-trainable state (such as "
-                    "BatchNormalization's moving variance) non-finite. "
-                    f"{_NOTHING_CHANGED} Lower `max_activation`.")
+            self._refuse_unless_accepted(loss_ok, grads_ok, state_ok, loss)
         except BaseException:
             # The forward pass (and a reset) may have moved non-trainable and
             # metric state; the weights and the optimizer were not written.

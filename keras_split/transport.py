@@ -73,12 +73,29 @@ class InProcessTransport(Transport):
     With a compression codec, the cut tensors go through the same encode and
     decode as on the network, and the byte counters count the encoded payload:
     a quick way to measure what a codec costs in accuracy and saves in bytes.
+
+    Without one, and with a `ServerRole` at the other end, a training step runs
+    the server's step inside the client's compiled call (`fused=True`, the
+    default): the tensors go from one half to the other without leaving the
+    graph, with the same checks, refusals and byte counts as a message.
+    `fused=False` sends every step as a message.
     """
 
-    def __init__(self, server, compression=None):
+    def __init__(self, server, compression=None, fused: bool = True):
         super().__init__()
         self.server = server
         self.codec = codecs.get(compression)
+        self.fused = fused
+
+    @property
+    def fuses(self) -> bool:
+        """Whether a training step may run the server's step inside the client's
+        compiled call (`protocol.train_step`): asked for, no codec on the way,
+        and a plain `ServerRole` at the other end (a wrapper that rewrites
+        messages or replies gets them one by one)."""
+        from keras_split.roles import ServerRole
+
+        return self.fused and self.codec is codecs.NONE and type(self.server) is ServerRole
 
     def _exchange(self, message: Activations) -> tuple[Reply, int, int]:
         if self.codec is codecs.NONE:
