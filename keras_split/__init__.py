@@ -4,45 +4,96 @@ Cut an existing Keras model into a client half and a server half, and train it
 across the cut: only cut activations go up and cut gradients come down.
 """
 
+import importlib
 import os
+from typing import TYPE_CHECKING
 
+_before = {name: os.environ.get(name) for name in ("TF_CPP_MIN_LOG_LEVEL", "GRPC_VERBOSITY")}
 # TensorFlow's C++ INFO lines (oneDNN, CUDA probing) drown the progress bar;
 # warnings and errors still show. A user's own setting wins.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 # gRPC's C core logs every closed connection at INFO; errors still show.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-# ruff: noqa: E402
-
-from keras_split import datasets
-from keras_split.configurations import sharding
-from keras_split.configurations.chain import RelayRole, SplitChain, split_chain
-from keras_split.configurations.federation import RoundRobin, SplitFed, fedavg
-from keras_split.configurations.multitask import FanOut, MultiTaskSplit, split_multitask
-from keras_split.configurations.vertical import VerticalSplit, split_vertical
-from keras_split.messages import Activations, Reply
-from keras_split.network.client import SplitClient
-from keras_split.network.server import SplitServer
-from keras_split.network.transport import GrpcTransport, ServerError
-from keras_split.partition import CutCandidate, CutSpec, cut_candidates
-from keras_split.planning import Cost, CostPlan, plan
-from keras_split.roles import ClientRole, ClientStep, ServerRole
-from keras_split.split_model import SplitModel, split
-from keras_split.transport import ByteCounter, InProcessTransport, Transport
-from keras_split_wire import codecs
-
 __version__ = "0.1.0"
+
+# What the user had set, before the defaults above: the command line quiets
+# TensorFlow further when the user set nothing (keras_split.apps.quiet).
+_user_environment = {name: value for name, value in _before.items() if value is not None}
+
+# The public names and the modules that define them, imported on first use
+# (PEP 562): `import keras_split` costs nothing, and a command that needs no
+# TensorFlow (`keras-split certs`) never imports it.
+_EXPORTS = {
+    "RelayRole": "keras_split.configurations.chain",
+    "SplitChain": "keras_split.configurations.chain",
+    "split_chain": "keras_split.configurations.chain",
+    "RoundRobin": "keras_split.configurations.federation",
+    "SplitFed": "keras_split.configurations.federation",
+    "fedavg": "keras_split.configurations.federation",
+    "FanOut": "keras_split.configurations.multitask",
+    "MultiTaskSplit": "keras_split.configurations.multitask",
+    "split_multitask": "keras_split.configurations.multitask",
+    "VerticalSplit": "keras_split.configurations.vertical",
+    "split_vertical": "keras_split.configurations.vertical",
+    "Activations": "keras_split.messages",
+    "Reply": "keras_split.messages",
+    "SplitClient": "keras_split.network.client",
+    "SplitServer": "keras_split.network.server",
+    "GrpcTransport": "keras_split.network.transport",
+    "ServerError": "keras_split.network.transport",
+    "CutCandidate": "keras_split.partition",
+    "CutSpec": "keras_split.partition",
+    "cut_candidates": "keras_split.partition",
+    "Cost": "keras_split.planning",
+    "CostPlan": "keras_split.planning",
+    "plan": "keras_split.planning",
+    "ClientRole": "keras_split.roles",
+    "ClientStep": "keras_split.roles",
+    "ServerRole": "keras_split.roles",
+    "SplitModel": "keras_split.split_model",
+    "split": "keras_split.split_model",
+    "ByteCounter": "keras_split.transport",
+    "InProcessTransport": "keras_split.transport",
+    "Transport": "keras_split.transport",
+}
+# Modules reached as attributes (`keras_split.datasets.load_...`).
+_MODULES = {"datasets": "keras_split.datasets", "privacy": "keras_split.privacy",
+            "plot": "keras_split.plot", "sharding": "keras_split.configurations.sharding",
+            "codecs": "keras_split_wire.codecs"}
+
+if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported eagerly
+    from keras_split import datasets, plot, privacy
+    from keras_split.configurations import sharding
+    from keras_split.configurations.chain import RelayRole, SplitChain, split_chain
+    from keras_split.configurations.federation import RoundRobin, SplitFed, fedavg
+    from keras_split.configurations.multitask import FanOut, MultiTaskSplit, split_multitask
+    from keras_split.configurations.vertical import VerticalSplit, split_vertical
+    from keras_split.messages import Activations, Reply
+    from keras_split.network.client import SplitClient
+    from keras_split.network.server import SplitServer
+    from keras_split.network.transport import GrpcTransport, ServerError
+    from keras_split.partition import CutCandidate, CutSpec, cut_candidates
+    from keras_split.planning import Cost, CostPlan, plan
+    from keras_split.roles import ClientRole, ClientStep, ServerRole
+    from keras_split.split_model import SplitModel, split
+    from keras_split.transport import ByteCounter, InProcessTransport, Transport
+    from keras_split_wire import codecs
 
 
 def __getattr__(name):
-    # `keras_split.privacy` (defences on top of the core) and `keras_split.plot`
-    # (matplotlib, an extra) are imported on first use, so `import keras_split`
-    # loads neither.
-    if name in ("privacy", "plot"):
-        import importlib
+    if name in _MODULES:
+        value = importlib.import_module(_MODULES[name])
+    elif name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    else:
+        raise AttributeError(f"module 'keras_split' has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip this function
+    return value
 
-        return importlib.import_module(f"keras_split.{name}")
-    raise AttributeError(f"module 'keras_split' has no attribute {name!r}")
+
+def __dir__():
+    return sorted({*globals(), *_EXPORTS, *_MODULES})
 
 
 __all__ = [
