@@ -32,26 +32,44 @@ def _gradients(function, inputs, seed):
     return tape.gradient(y, inputs, output_gradients=g)
 
 
-@pytest.mark.parametrize(("size", "kernel", "strides", "padding"), [
-    (8, 3, (1, 1), "VALID"), (8, 3, (1, 1), "SAME"), (9, 3, (2, 2), "SAME"),
-    (9, 2, (2, 1), "VALID"), (7, 5, (2, 2), "VALID"), (10, 4, (3, 3), "SAME"),
+@pytest.mark.parametrize("runtime", ["tflite", "onnx"])
+@pytest.mark.parametrize(("size", "kernel", "strides", "padding", "channels"), [
+    (8, 3, (1, 1), "VALID", 2), (8, 3, (1, 1), "SAME", 2), (9, 3, (2, 2), "SAME", 2),
+    (9, 2, (2, 1), "VALID", 2), (7, 5, (2, 2), "VALID", 2), (10, 4, (3, 3), "SAME", 2),
+    # Eight channels and more: patches gathered by slices (space_to_depth in LiteRT).
+    (8, 3, (1, 1), "VALID", 8), (9, 3, (2, 2), "SAME", 8), (10, 3, (2, 2), "VALID", 9),
+    (11, 5, (3, 3), "SAME", 8), (6, 1, (1, 1), "VALID", 8), (7, 1, (2, 2), "SAME", 3),
 ])
-def test_conv2d_gradients_match_tensorflow(rng, size, kernel, strides, padding):
-    x = rng.normal(size=(3, size, size + 1, 2)).astype("float32")
-    k = rng.normal(size=(kernel, kernel, 2, 4)).astype("float32")
-    mine = _gradients(lambda a, b: ops.conv2d(a, b, strides, padding), [x, k], 1)
+def test_conv2d_gradients_match_tensorflow(rng, runtime, size, kernel, strides, padding,
+                                           channels):
+    x = rng.normal(size=(3, size, size + 1, channels)).astype("float32")
+    k = rng.normal(size=(kernel, kernel, channels, 4)).astype("float32")
+    with ops.runtime(runtime):  # each runtime's way of writing it, run in TensorFlow
+        mine = _gradients(lambda a, b: ops.conv2d(a, b, strides, padding), [x, k], 1)
     theirs = _gradients(lambda a, b: tf.nn.conv2d(a, b, strides, padding), [x, k], 1)
     for a, b in zip(mine, theirs, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("runtime", ["tflite", "onnx"])
 @pytest.mark.parametrize("pool", [(2, 2), (3, 3), (2, 3)])
-def test_max_pool_gradient_goes_to_the_first_maximum_like_tensorflow(rng, pool):
+def test_max_pool_gradient_goes_to_the_first_maximum_like_tensorflow(rng, runtime, pool):
     # Small integers make many ties inside windows.
     x = rng.integers(0, 3, size=(2, 7, 8, 3)).astype("float32")
-    mine = _gradients(lambda a: ops.max_pool(a, pool), [x], 2)
+    with ops.runtime(runtime):
+        mine = _gradients(lambda a: ops.max_pool(a, pool), [x], 2)
     theirs = _gradients(lambda a: tf.nn.max_pool2d(a, pool, pool, "VALID"), [x], 2)
     np.testing.assert_array_equal(mine[0], theirs[0])
+    # A ReLU before the pool, moved after it: the same values and gradient,
+    # ties of zeros (windows the ReLU zeroed) included.
+    x = rng.integers(-2, 2, size=(2, 7, 8, 3)).astype("float32")
+    with ops.runtime(runtime):
+        mine = _gradients(lambda a: ops.max_pool(a, pool, relu=True), [x], 3)
+    theirs = _gradients(lambda a: tf.nn.max_pool2d(tf.nn.relu(a), pool, pool, "VALID"), [x], 3)
+    np.testing.assert_array_equal(mine[0], theirs[0])
+    with ops.runtime(runtime):
+        np.testing.assert_array_equal(ops.max_pool(x, pool, relu=True),
+                                      tf.nn.max_pool2d(tf.nn.relu(x), pool, pool, "VALID"))
 
 
 @pytest.mark.parametrize(("name", "function", "reference"), [
@@ -249,11 +267,13 @@ def test_exports_use_the_names_the_device_runtime_reads(tmp_path):
     (9, 3, (2, 2), "VALID", 1), (10, 5, (2, 2), "SAME", 1), (7, 2, (2, 1), "VALID", 2),
     (8, 3, (2, 2), "SAME", 3),
 ])
+@pytest.mark.parametrize("runtime", ["tflite", "onnx"])
 def test_depthwise_conv2d_gradients_match_tensorflow(rng, size, kernel, strides, padding,
-                                                     multiplier):
+                                                     multiplier, runtime):
     x = rng.normal(size=(3, size, size + 1, 4)).astype("float32")
     k = rng.normal(size=(kernel, kernel, 4, multiplier)).astype("float32")
-    mine = _gradients(lambda a, b: ops.depthwise_conv2d(a, b, strides, padding), [x, k], 6)
+    with ops.runtime(runtime):
+        mine = _gradients(lambda a, b: ops.depthwise_conv2d(a, b, strides, padding), [x, k], 6)
     theirs = _gradients(lambda a, b: tf.nn.depthwise_conv2d(a, b, (1, *strides, 1), padding),
                         [x, k], 6)
     for a, b in zip(mine, theirs, strict=True):

@@ -185,7 +185,13 @@ class OnnxModel(ExportedModel):
         files = names.onnx_files(str(path)[: -len(".onnx")])
 
         def session(name):
-            return onnxruntime.InferenceSession(name, providers=["CPUExecutionProvider"])
+            # Worker threads that spin between operations hold cores a phone
+            # shares with its app (and, on a busy CPU, lose them: a train step
+            # took 3x as long on a loaded two-core machine); they wait instead.
+            options = onnxruntime.SessionOptions()
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            return onnxruntime.InferenceSession(name, options,
+                                                providers=["CPUExecutionProvider"])
 
         self._infer, self._forward = session(str(path)), session(files[names.FORWARD])
         self._train = session(files[names.TRAIN])

@@ -22,6 +22,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from keras_split.export import ops
 from keras_split.export.device import input_names
 from keras_split.export.optimizers import initial_slots
 from keras_split.export.tflite import ExportError
@@ -65,24 +66,28 @@ def functions(program, update, extra_gradients=None):
         names = [device_names.cut(i) for i in range(len(outputs))]
         return {n: tf.identity(t, name=n) for n, t in zip(names, outputs, strict=True)}
 
+    # Every graph is traced with the ops written for onnxruntime (ops.runtime).
     def infer(*arguments):
         inputs, p, b, _ = split(arguments, nx, np_, ns)
-        return cuts(program.run(p, b, inputs, training=False)[0])
+        with ops.runtime("onnx"):
+            return cuts(program.run(p, b, inputs, training=False)[0])
 
     def forward(*arguments):
         inputs, p, b, _ = split(arguments, nx, np_, ns)
-        return cuts(program.run(p, b, inputs, training=True)[0])
+        with ops.runtime("onnx"):
+            return cuts(program.run(p, b, inputs, training=True)[0])
 
     def train(*arguments):
         inputs, g, p, b, rest = split(arguments, nx, ng, np_, ns)
         o, (s,) = rest[:-1], rest[-1:]
-        with tf.GradientTape() as tape:
-            tape.watch(p)
-            outputs, new_b = program.run(p, b, inputs, training=True)
-        extra = None if extra_gradients is None else extra_gradients(inputs, outputs)
-        if extra is not None:
-            g = [a + e for a, e in zip(g, extra, strict=True)]
-        gradients = tape.gradient(outputs, p, output_gradients=g)
+        with ops.runtime("onnx"):
+            with tf.GradientTape() as tape:
+                tape.watch(p)
+                outputs, new_b = program.run(p, b, inputs, training=True)
+            extra = None if extra_gradients is None else extra_gradients(inputs, outputs)
+            if extra is not None:
+                g = [a + e for a, e in zip(g, extra, strict=True)]
+            gradients = tape.gradient(outputs, p, output_gradients=g)
         new_p, new_o = update.apply(p, gradients, o, s)
         new = device_names.new
         result = {new(device_names.onnx_parameter(0, i)): tf.identity(v)

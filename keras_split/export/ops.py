@@ -15,8 +15,34 @@ order, as `MaxPoolGrad` does, and the gradient at each activation's kink
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import numpy as np
 import tensorflow as tf
+
+_RUNTIME = contextvars.ContextVar("keras_split_export_runtime", default="tflite")
+
+
+@contextlib.contextmanager
+def runtime(name: str):
+    """Write the ops for `name` ("tflite" or "onnx") while tracing.
+
+    The two runtimes differ in what is cheap: LiteRT runs a strided slice one
+    value at a time (about 30x slower than space_to_depth for the same
+    gather) and has native NHWC space_to_depth/depth_to_space; ONNX's are
+    NCHW, so each costs two layout transposes, and strided slices are cheap.
+    The values are the same either way.
+    """
+    token = _RUNTIME.set(name)
+    try:
+        yield
+    finally:
+        _RUNTIME.reset(token)
+
+
+def _lite() -> bool:
+    return _RUNTIME.get() == "tflite"
 
 
 def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -46,21 +72,90 @@ def _dilate(g, strides):
     return g
 
 
+# Convolutions run as one matrix product over gathered patches (im2col):
+# LiteRT's XNNPACK runs a product with variable weights, not a CONV_2D with
+# variable weights (2x faster for the demo's second convolution), and ONNX
+# needs no layout transposes around a product. In LiteRT, patches of inputs
+# with fewer channels than this are gathered by a convolution with a constant
+# 0/1 kernel (which XNNPACK runs fast: copying one-channel slices is slow);
+# wider inputs, and all in ONNX, by slices.
+IM2COL_MIN_CHANNELS = 8
+
+
 def conv2d(x, kernel, strides=(1, 1), padding="VALID"):
-    """NHWC convolution (no dilation, one group)."""
+    """NHWC convolution (no dilation, one group).
+
+    Forward as a matrix product over patches; the kernel gradient is the
+    product of the same patches with the output gradient; the input gradient
+    a transposed convolution, which LiteRT (TRANSPOSE_CONV) and ONNX
+    (ConvTranspose) run as forward ops.
+    """
     strides, padding = tuple(strides), padding.upper()
+    kh, kw, cin, cout = kernel.shape
+    if (kh, kw) == (1, 1) and strides == (1, 1):
+        return _pointwise(x, kernel)
 
     @tf.custom_gradient
     def forward(x, kernel):
-        y = tf.nn.conv2d(x, kernel, strides, padding)
+        oh, ow = _output_hw(x.shape, (kh, kw), strides, padding)
+        columns = _columns(x, (kh, kw), (oh, ow), strides, padding)
+        y = tf.reshape(tf.matmul(columns, tf.reshape(kernel, [kh * kw * cin, cout])),
+                       [-1, oh, ow, cout])
 
         def backward(g):
-            return _conv_input_gradient(g, kernel, x.shape, strides, padding), \
-                _conv_kernel_gradient(x, g, kernel.shape, strides, padding)
+            dk = tf.matmul(columns, tf.reshape(g, [-1, cout]), transpose_a=True)
+            return (_conv_input_gradient(g, kernel, x.shape, strides, padding),
+                    tf.reshape(dk, [kh, kw, cin, cout]))
 
         return y, backward
 
     return forward(x, kernel)
+
+
+def _pointwise(x, kernel):
+    """A 1x1 convolution with stride 1: a matrix product over positions."""
+    cin, cout = kernel.shape[2], kernel.shape[3]
+    height, width = x.shape[1], x.shape[2]
+
+    @tf.custom_gradient
+    def forward(x, kernel):
+        rows, weights = tf.reshape(x, [-1, cin]), tf.reshape(kernel, [cin, cout])
+        y = tf.reshape(tf.matmul(rows, weights), [-1, height, width, cout])
+
+        def backward(g):
+            g = tf.reshape(g, [-1, cout])
+            dx = tf.reshape(tf.matmul(g, weights, transpose_b=True), [-1, height, width, cin])
+            dk = tf.reshape(tf.matmul(rows, g, transpose_a=True), [1, 1, cin, cout])
+            return dx, dk
+
+        return y, backward
+
+    return forward(x, kernel)
+
+
+def _output_hw(x_shape, kernel_hw, strides, padding):
+    if padding == "SAME":
+        return tuple(-(-x_shape[i + 1] // strides[i]) for i in range(2))
+    return tuple((x_shape[i + 1] - kernel_hw[i]) // strides[i] + 1 for i in range(2))
+
+
+def _columns(x, kernel_hw, out_hw, strides, padding):
+    """im2col: [batch * oh * ow, kh * kw * channels], taps in kernel order."""
+    kh, kw = kernel_hw
+    size = kh * kw * x.shape[3]
+    if x.shape[3] < IM2COL_MIN_CHANNELS and _lite():
+        # Exact: each output is one input value times 1 plus zeros.
+        gather = np.eye(size, dtype=np.float32).reshape(kh, kw, x.shape[3], size)
+        columns = tf.nn.conv2d(x, tf.constant(gather, x.dtype), strides, padding)
+        return tf.reshape(columns, [-1, size])
+    patches = _patches(x, kernel_hw, out_hw, strides, padding)
+    return tf.reshape(tf.concat(patches, axis=3), [-1, size])
+
+
+def _conv_input_gradient(g, kernel, x_shape, strides, padding):
+    """Conv2DBackpropInput, written as the transposed convolution it is."""
+    shape = tf.stack([tf.shape(g)[0], x_shape[1], x_shape[2], x_shape[3]])
+    return tf.nn.conv2d_transpose(g, kernel, shape, strides, padding)
 
 
 def _spread(g, kernel_hw, x_shape, strides, padding):
@@ -79,22 +174,29 @@ def _spread(g, kernel_hw, x_shape, strides, padding):
     return d, top, left
 
 
-def _conv_input_gradient(g, kernel, x_shape, strides, padding):
-    # dx_padded = full correlation of the dilated gradient with the kernel
-    # flipped in space and transposed in channels; then crop the padding.
-    flipped = tf.transpose(kernel[::-1, ::-1], [0, 1, 3, 2])
-    d, top, left = _spread(g, kernel.shape[:2], x_shape, strides, padding)
-    full = tf.nn.conv2d(d, flipped, (1, 1), "VALID")
-    return full[:, top: top + x_shape[1], left: left + x_shape[2], :]
-
-
 def _patches(x, kernel_hw, out_hw, strides, padding):
     """The kh * kw strided views of (padded) `x` that meet each kernel tap (im2col)."""
     kh, kw = kernel_hw
     (top, bottom), (left, right) = _pads(x.shape, (kh, kw), strides, padding)
+    oh, ow = out_hw
+    step = strides[0]
+    if step > 1 and strides[1] == step and _lite():
+        # space_to_depth turns every stride-s view into a channel block of one
+        # tensor at a stride-1 offset: contiguous slices instead of strided ones.
+        rows, cols = step * ((kh - 1) // step + oh), step * ((kw - 1) // step + ow)
+        x = tf.pad(x, [[0, 0], [top, max(rows - x.shape[1] - top, 0)],
+                       [left, max(cols - x.shape[2] - left, 0)], [0, 0]])
+        blocks = tf.nn.space_to_depth(x[:, :rows, :cols, :], step)
+        channels = x.shape[3]
+        result = []
+        for i in range(kh):
+            for j in range(kw):
+                block = (i % step) * step + j % step
+                result.append(blocks[:, i // step: i // step + oh, j // step: j // step + ow,
+                                     block * channels: (block + 1) * channels])
+        return result
     if top or bottom or left or right:
         x = tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
-    oh, ow = out_hw
     return [x[:, i: i + (oh - 1) * strides[0] + 1: strides[0],
               j: j + (ow - 1) * strides[1] + 1: strides[1], :]
             for i in range(kh) for j in range(kw)]
@@ -104,8 +206,7 @@ def _conv_kernel_gradient(x, g, kernel_shape, strides, padding):
     # dK[i, j] = sum over batch and positions of x_patch(i, j)^T g: one matmul
     # over the patches gathered by strided slices (im2col).
     kh, kw, cin, cout = kernel_shape
-    patches = _patches(x, (kh, kw), g.shape[1:3], strides, padding)
-    columns = tf.reshape(tf.stack(patches, axis=3), [-1, kh * kw * cin])
+    columns = _columns(x, (kh, kw), g.shape[1:3], strides, padding)
     gradient = tf.matmul(columns, tf.reshape(g, [-1, cout]), transpose_a=True)
     return tf.reshape(gradient, [kh, kw, cin, cout])
 
@@ -160,8 +261,11 @@ def _depthwise_kernel_gradient(x, g, kernel_shape, strides, padding):
 @tf.custom_gradient
 def bias_add(x, bias):
     def backward(g):
-        axes = list(range(len(g.shape) - 1))
-        return g, tf.reduce_sum(g, axis=axes)
+        # Height and width first, then the batch: one reduction over three
+        # leading axes is 20x slower in onnxruntime.
+        if len(g.shape) > 2:
+            return g, tf.reduce_sum(tf.reduce_sum(g, axis=list(range(1, len(g.shape) - 1))), 0)
+        return g, tf.reduce_sum(g, axis=0)
 
     return x + bias, backward
 
@@ -395,7 +499,7 @@ def _interleave(parts, pool, x_shape):
     put each part back at its positions; rows and columns pooling dropped get 0."""
     ph, pw = pool
     oh, ow, channels = parts[0].shape[1], parts[0].shape[2], x_shape[3]
-    if ph == pw:
+    if ph == pw and _lite():
         # Channels ordered (i, j, c) are what depth_to_space spreads over a block.
         return _pad_to(tf.nn.depth_to_space(tf.concat(parts, axis=3), ph), x_shape)
     rows = []
@@ -415,48 +519,63 @@ def _pad_to(full, x_shape):
 
 
 def _windows(x, pool):
+    """The values at each window position (i, j), row-major: [B, oh, ow, C] each."""
     ph, pw = pool
-    oh, ow = x.shape[1] // ph, x.shape[2] // pw
+    oh, ow, channels = x.shape[1] // ph, x.shape[2] // pw, x.shape[3]
     kept = x[:, : oh * ph, : ow * pw, :]
+    if ph == pw and _lite():
+        # space_to_depth lays each window along the channels as (i, j, c).
+        blocks = tf.nn.space_to_depth(kept, ph)
+        return [blocks[..., k * channels: (k + 1) * channels] for k in range(ph * pw)]
     return [kept[:, i::ph, j::pw, :] for i in range(ph) for j in range(pw)]
 
 
-def max_pool(x, pool, strides=None, padding="VALID"):
-    """Max pooling; non-overlapping VALID windows take the fast path below."""
+def max_pool(x, pool, strides=None, padding="VALID", relu=False):
+    """Max pooling; non-overlapping VALID windows take the fast path below.
+
+    `relu=True` computes `max_pool(relu(x))` as `relu(max_pool(x))` (the same
+    values, ties included): the ReLU and its gradient mask then work on the
+    pooled tensor, a quarter of the size for 2x2 windows.
+    """
     pool, strides, padding = tuple(pool), tuple(strides or pool), padding.upper()
     if strides != pool or padding != "VALID":
-        return _max_pool_general(x, pool, strides, padding)
+        y = _max_pool_general(x, pool, strides, padding)
+        return _relu(y) if relu else y
 
     @tf.custom_gradient
     def forward(x):
-        # The builtin pooling op forward (fast everywhere); the windows only
-        # for the backward pass.
-        y = tf.nn.max_pool2d(x, pool, pool, "VALID")
+        if _lite():
+            # The builtin pooling op forward; the windows only for the backward pass.
+            m, windows = tf.nn.max_pool2d(x, pool, pool, "VALID"), None
+        else:
+            # ONNX's MaxPool is NCHW: the converter would keep the layers
+            # around it in NCHW and transpose where it is costliest (after an
+            # im2col). The maximum of the window views stays NHWC.
+            windows = _windows(x, pool)
+            m = windows[0]
+            for window in windows[1:]:
+                m = tf.maximum(m, window)
+        y = tf.nn.relu(m) if relu else m
 
         def backward(g):
+            if relu:
+                # A window whose maximum is not positive was all zeros after
+                # the ReLU: its first position took a zero gradient.
+                g = g * tf.cast(m > 0, g.dtype)
             # The whole gradient goes to the first maximum of each window. In
             # float arithmetic (faster than boolean ops in LiteRT): `free` is 1
-            # until a window position has taken the gradient.
-            if pool[0] != pool[1]:
-                free, parts = tf.ones_like(g), []
-                for window in _windows(x, pool):
-                    share = free * tf.cast(tf.equal(window, y), g.dtype)
-                    free = free - share
-                    parts.append(g * share)
-                return _interleave(parts, pool, x.shape)
-            # Square windows: space_to_depth lays each window along the channels
-            # as (i, j, c), so one comparison covers the whole tensor.
-            size, channels = pool[0] * pool[1], x.shape[3]
-            kept = x[:, : y.shape[1] * pool[0], : y.shape[2] * pool[1], :]
-            blocks = tf.nn.space_to_depth(kept, pool[0])
-            equal = tf.cast(tf.equal(blocks, tf.tile(y, [1, 1, 1, size])), g.dtype)
-            free, shares = tf.ones_like(g), []
-            for k in range(size):
-                share = free * equal[..., k * channels: (k + 1) * channels]
-                free = free - share
-                shares.append(share)
-            spread = tf.concat(shares, axis=3) * tf.tile(g, [1, 1, 1, size])
-            return _pad_to(tf.nn.depth_to_space(spread, pool[0]), x.shape)
+            # until a window position has taken the gradient; the last
+            # position takes whatever is left (a window always has its maximum).
+            free, parts = None, []
+            for k, window in enumerate(windows or _windows(x, pool)):
+                if k == pool[0] * pool[1] - 1:
+                    parts.append(g if free is None else g * free)
+                    break
+                equal = tf.cast(tf.equal(window, m), g.dtype)
+                share = equal if free is None else free * equal
+                free = 1.0 - share if free is None else free - share
+                parts.append(g * share)
+            return _interleave(parts, pool, x.shape)
 
         return y, backward
 
@@ -661,3 +780,6 @@ def concatenate(tensors, axis):
         return tf.concat(tensors, axis=axis), backward
 
     return forward(*tensors)
+
+
+_relu = relu  # for max_pool, whose argument of that name shadows it

@@ -50,9 +50,13 @@ def _refuse(layer, why: str):
     )
 
 
-def _activation(layer):
+def _activation_name(layer) -> str:
     name = keras.activations.serialize(layer.activation)
-    name = name if isinstance(name, str) else name.get("config", {}).get("name", str(name))
+    return name if isinstance(name, str) else name.get("config", {}).get("name", str(name))
+
+
+def _activation(layer):
+    name = _activation_name(layer)
     if name not in _ACTIVATIONS:
         _refuse(layer, f"activation {name!r} has no device gradient rule (supported: "
                        f"{sorted(_ACTIVATIONS)})")
@@ -192,7 +196,31 @@ class ClientProgram:
                 "Remove them from the client's layers before exporting.")
         self._rules = {id(call): getattr(self, _checked_rule(call, self.options))
                        for call in self.graph.calls if not call.is_input}
+        self._relu_deferred, self._relu_pools = self._relu_before_max_pool()
         self.check()
+
+    def _relu_before_max_pool(self):
+        """Calls whose ReLU moves after the MaxPooling2D that alone reads them.
+
+        `max_pool(relu(x)) == relu(max_pool(x))`, ties included, and the
+        gradient is the same; after the pool the ReLU and its mask work on a
+        quarter of the values (2x2 windows), and the pool's gradient needs no
+        mask of its own at full size. Returns (ids of the calls that skip
+        their ReLU, ids of the pooling calls that apply it).
+        """
+        outputs = {tensor_key(t) for t in self.outputs}
+        deferred, pools = set(), set()
+        for call in self.graph.calls:
+            if not isinstance(call.layer, keras.layers.MaxPooling2D):
+                continue
+            key = tensor_key(call.inputs[0])
+            producer = self.graph.producer[key]
+            if key in outputs or len(self.graph.consumers.get(key, [])) != 1:
+                continue
+            if _ends_with_relu(producer.layer):
+                deferred.add(id(producer))
+                pools.add(id(call))
+        return deferred, pools
 
     def check(self) -> None:
         """Run once on a zero batch, in both modes: anything the configuration
@@ -276,11 +304,14 @@ class ClientProgram:
     def _Conv2D(self, call, args, training):  # noqa: N802
         layer = call.layer
         y = ops.conv2d(args[0], self._p(layer.kernel), layer.strides, layer.padding)
-        return [self._finish(layer, y)]
+        return [self._finish(call, y)]
 
-    def _finish(self, layer, y):
+    def _finish(self, call, y):
+        layer = call.layer
         if layer.use_bias:
             y = ops.bias_add(y, self._p(layer.bias))
+        if id(call) in self._relu_deferred:
+            return y
         return _apply_activation(_activation(layer), y)
 
     @staticmethod
@@ -294,7 +325,7 @@ class ClientProgram:
     def _DepthwiseConv2D(self, call, args, training):  # noqa: N802
         layer = call.layer
         y = ops.depthwise_conv2d(args[0], self._p(layer.kernel), layer.strides, layer.padding)
-        return [self._finish(layer, y)]
+        return [self._finish(call, y)]
 
     _check_SeparableConv2D = _check_DepthwiseConv2D  # noqa: N815
 
@@ -304,7 +335,7 @@ class ClientProgram:
         y = ops.depthwise_conv2d(args[0], self._p(layer.depthwise_kernel), layer.strides,
                                  layer.padding)
         y = ops.conv2d(y, self._p(layer.pointwise_kernel), (1, 1), "VALID")
-        return [self._finish(layer, y)]
+        return [self._finish(call, y)]
 
     @staticmethod
     def _check_Dense(layer, call, options):  # noqa: N802
@@ -315,7 +346,7 @@ class ClientProgram:
 
     def _Dense(self, call, args, training):  # noqa: N802
         layer = call.layer
-        return [self._finish(layer, ops.matmul(args[0], self._p(layer.kernel)))]
+        return [self._finish(call, ops.matmul(args[0], self._p(layer.kernel)))]
 
     @staticmethod
     def _check_MaxPooling2D(layer, call, options):  # noqa: N802
@@ -326,7 +357,8 @@ class ClientProgram:
 
     def _MaxPooling2D(self, call, args, training):  # noqa: N802
         layer = call.layer
-        return [ops.max_pool(args[0], layer.pool_size, layer.strides, layer.padding)]
+        return [ops.max_pool(args[0], layer.pool_size, layer.strides, layer.padding,
+                             relu=id(call) in self._relu_pools)]
 
     def _AveragePooling2D(self, call, args, training):  # noqa: N802
         layer = call.layer
@@ -355,6 +387,8 @@ class ClientProgram:
 
     def _ReLU(self, call, args, training):  # noqa: N802
         layer = call.layer
+        if id(call) in self._relu_deferred:
+            return [args[0]]
         return [ops.keras_relu(args[0], layer.negative_slope, layer.max_value, layer.threshold)]
 
     @staticmethod
@@ -362,6 +396,8 @@ class ClientProgram:
         _activation(layer)
 
     def _Activation(self, call, args, training):  # noqa: N802
+        if id(call) in self._relu_deferred:
+            return [args[0]]
         return [_apply_activation(_activation(call.layer), args[0])]
 
     @staticmethod
@@ -454,6 +490,17 @@ class ClientProgram:
         return [ops.scalar(args[0], kind, constant, constant_first)]
 
     _op_Add = _op_Subtract = _op_Multiply = _op_Divide = _op_TrueDivide = _op_arithmetic
+
+
+def _ends_with_relu(layer) -> bool:
+    """A plain ReLU is the last thing `layer` computes."""
+    if isinstance(layer, keras.layers.ReLU):
+        return layer.max_value is None and not layer.negative_slope and not layer.threshold
+    if not _is_keras_class(layer) or not hasattr(layer, "activation"):
+        return False
+    return isinstance(layer, (keras.layers.Activation, keras.layers.Conv2D, keras.layers.Dense,
+                              keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D)) \
+        and _ACTIVATIONS.get(_activation_name(layer)) is ops.relu
 
 
 def _check_channels_last(layer):
