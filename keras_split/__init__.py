@@ -44,6 +44,7 @@ _EXPORTS = {
     "ServerError": "keras_split.network.transport",
     "CutCandidate": "keras_split.partition",
     "CutSpec": "keras_split.partition",
+    "CutTable": "keras_split.partition",
     "cut_candidates": "keras_split.partition",
     "Cost": "keras_split.planning",
     "CostPlan": "keras_split.planning",
@@ -73,7 +74,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported e
     from keras_split.network.client import SplitClient
     from keras_split.network.server import SplitServer
     from keras_split.network.transport import GrpcTransport, ServerError
-    from keras_split.partition import CutCandidate, CutSpec, cut_candidates
+    from keras_split.partition import CutCandidate, CutSpec, CutTable, cut_candidates
     from keras_split.planning import Cost, CostPlan, plan
     from keras_split.roles import ClientRole, ClientStep, ServerRole
     from keras_split.split_model import SplitModel, split
@@ -112,6 +113,7 @@ __all__ = [
     "CostPlan",
     "CutCandidate",
     "CutSpec",
+    "CutTable",
     "InProcessTransport",
     "GrpcTransport",
     "Reply",
