@@ -39,63 +39,13 @@ def demo_loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
+from keras_split.trainer import ByteCountProgbar  # noqa: E402  (re-exported for the apps)
+
+
 def format_logs(logs: dict) -> str:
     """`loss 0.3419, accuracy 0.8654, bytes_up 1,501,344`: byte counters as integers."""
     return ", ".join(f"{k} {int(v):,}" if "bytes_" in k else f"{k} {v:.4f}"
                      for k, v in logs.items())
-
-
-def _counts(logs) -> tuple[dict, dict]:
-    logs = dict(logs or {})
-    return {k: v for k, v in logs.items() if "bytes_" not in k}, \
-        {k: v for k, v in logs.items() if "bytes_" in k}
-
-
-class ByteCountProgbar(keras.callbacks.ProgbarLogger):
-    """Keras's progress bar, with the byte counters as integers.
-
-    Keras's bar prints every value as a float (`bytes_down: 7769600.0000`,
-    `val_bytes_down: 0.0000e+00`). This one leaves the counters out of the bar
-    and prints them under it, once per epoch (or evaluation):
-    `bytes up 7,789,024, down 7,769,600; validation up 866,160, down 0`.
-    Pass it in `callbacks=` to `fit`/`evaluate`; Keras then uses it instead of
-    its own bar.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self._fitting = False
-
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        self._fitting = True  # validation inside fit: its counts come with the epoch's
-
-    def on_train_batch_end(self, batch, logs=None):
-        super().on_train_batch_end(batch, _counts(logs)[0])
-
-    def on_test_batch_end(self, batch, logs=None):
-        super().on_test_batch_end(batch, _counts(logs)[0])
-
-    def on_epoch_end(self, epoch, logs=None):
-        shown, counts = _counts(logs)
-        super().on_epoch_end(epoch, shown)
-        self._print_counts(counts)
-
-    def on_test_end(self, logs=None):
-        shown, counts = _counts(logs)
-        super().on_test_end(shown)
-        if not self._fitting:
-            self._print_counts(counts)
-
-    def _print_counts(self, counts: dict) -> None:
-        if not self.verbose or not counts:
-            return
-        parts = [f"bytes up {int(counts['bytes_up']):,}, down {int(counts['bytes_down']):,}"
-                 ] if "bytes_up" in counts else []
-        if "val_bytes_up" in counts:
-            parts.append(f"validation up {int(counts['val_bytes_up']):,}, down "
-                         f"{int(counts['val_bytes_down']):,}")
-        print(f"  {'; '.join(parts)}", flush=True)
 
 
 @dataclass
