@@ -272,7 +272,9 @@ class EdgeClient:
                             finished=epoch + 1 == epochs)
             self._save(progress)
             if verbose:
-                shown = ", ".join(f"{k} {v:.4g}" for k, v in logs.items())
+                # Counters (bytes, refused steps) as integers, metrics as numbers.
+                shown = ", ".join(f"{k} {int(v):,}" if k in counts else f"{k} {v:.4g}"
+                                  for k, v in logs.items())
                 print(f"epoch {epoch + 1}/{epochs} ({steps} steps): {shown}", flush=True)
         if not progress["finished"]:  # epochs=0, or every epoch already done
             progress["finished"] = True
