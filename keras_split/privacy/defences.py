@@ -396,25 +396,40 @@ def randomized_response(labels, epsilon: float, num_classes: int = 2,
     if not epsilon > 0:
         raise ValueError(f"`epsilon` must be positive (math.inf keeps every label), received "
                          f"{epsilon!r}.")
+    array, one_hot, classes = class_labels(labels, num_classes, "`labels` must be")
+    if epsilon == math.inf:
+        return array.copy()
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    flip = rng.random(classes.shape) >= keep_probability(epsilon, num_classes)
+    noisy = np.where(flip, other_classes(classes, num_classes, rng), classes)
+    return like_labels(noisy, array, one_hot, num_classes)
+
+
+def class_labels(labels, num_classes: int, need: str) -> tuple[np.ndarray, bool, np.ndarray]:
+    """(the labels as an array, whether they are one-hot, their class indices as
+    int64), or a ValueError starting with `need` when they are not classes."""
     array = np.asarray(labels)
     one_hot = array.ndim >= 2 and array.shape[-1] == num_classes
     classes = np.argmax(array, axis=-1) if one_hot else array
     if classes.size and (np.any(classes != np.round(classes)) or classes.min() < 0
                          or classes.max() >= num_classes):
-        raise ValueError(f"`labels` must be class indices in [0, {num_classes}) or one-hot "
+        raise ValueError(f"{need} class indices in [0, {num_classes}) or one-hot "
                          f"rows of length {num_classes}; received values from "
                          f"{classes.min()} to {classes.max()}.")
-    if epsilon == math.inf:
-        return array.copy()
-    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-    classes = classes.astype(np.int64)
-    flip = rng.random(classes.shape) >= keep_probability(epsilon, num_classes)
-    # Another class, uniformly: shift by 1..K-1 modulo K.
-    other = (classes + rng.integers(1, num_classes, size=classes.shape)) % num_classes
-    noisy = np.where(flip, other, classes)
+    return array, one_hot, classes.astype(np.int64)
+
+
+def other_classes(classes: np.ndarray, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """Another class for each, uniformly: a shift by 1..K-1 modulo K."""
+    return (classes + rng.integers(1, num_classes, size=classes.shape)) % num_classes
+
+
+def like_labels(classes: np.ndarray, array: np.ndarray, one_hot: bool,
+                num_classes: int) -> np.ndarray:
+    """Class indices back in the labels' own format and dtype."""
     if one_hot:
-        return np.eye(num_classes, dtype=array.dtype)[noisy]
-    return noisy.astype(array.dtype)
+        return np.eye(num_classes, dtype=array.dtype)[classes]
+    return classes.astype(array.dtype)
 
 
 class RandomizedLabels(Transport):

@@ -49,7 +49,13 @@ import tensorflow as tf
 
 from keras_split.messages import Activations, Reply
 from keras_split.privacy.attacks import _cut_activations, _pyplot, inversion_decoder
-from keras_split.privacy.defences import _entropy, _step_rng
+from keras_split.privacy.defences import (
+    _entropy,
+    _step_rng,
+    class_labels,
+    like_labels,
+    other_classes,
+)
 from keras_split.transport import InProcessTransport, Transport
 
 
@@ -244,20 +250,9 @@ class Check:
 
 
 def _wrong_labels(labels, num_classes: int, rng: np.random.Generator):
-    array = np.asarray(labels)
-    one_hot = array.ndim >= 2 and array.shape[-1] == num_classes and num_classes > 1
-    classes = np.argmax(array, axis=-1) if one_hot else array
-    if classes.size and (np.any(classes != np.round(classes)) or classes.min() < 0
-                         or classes.max() >= num_classes):
-        raise ValueError(f"The hijack detector needs class labels in [0, {num_classes}) or "
-                         f"one-hot rows of length {num_classes}; received values from "
-                         f"{classes.min()} to {classes.max()}. Set `num_classes`.")
-    classes = classes.astype(np.int64)
-    # Every sample gets another class: shift by 1..K-1 modulo K.
-    other = (classes + rng.integers(1, num_classes, size=classes.shape)) % num_classes
-    if one_hot:
-        return np.eye(num_classes, dtype=array.dtype)[other]
-    return other.astype(array.dtype)
+    array, one_hot, classes = class_labels(
+        labels, num_classes, "The hijack detector needs (set `num_classes`)")
+    return like_labels(other_classes(classes, num_classes, rng), array, one_hot, num_classes)
 
 
 def _rows(gradients) -> np.ndarray:
