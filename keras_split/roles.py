@@ -251,7 +251,9 @@ class ClientRole:
         return reply, float(regularization)
 
     def _fused_fn(self, server: ServerRole, x, labels, sample_weight):
-        kept = [tf.identity(v) for v in self._state]  # read before the forward pass writes
+        # Read before the forward passes write: what a refused step puts back.
+        kept = [tf.identity(v) for v in self._state]
+        server_kept = [tf.identity(v) for v in server._kept]
         with tf.GradientTape() as tape:
             activations, regularization = self._forward_fn(x)
             own_loss, logs = regularization, {}
@@ -284,7 +286,7 @@ class ClientRole:
 
         tf.cond(accepted, apply, lambda: tf.constant(False))
         return finite, magnitude, loss_ok, grads_ok, state_ok, loss, cut, server_logs, \
-            regularization, logs, kept
+            regularization, logs, kept, server_kept
 
     def fused_step(self, x, server: ServerRole, message: Activations) -> tuple[Reply, float]:
         """`step` with the server's step in the same compiled call (both in process).
@@ -305,13 +307,17 @@ class ClientRole:
             function = tf.function(lambda x, y, w: self._fused_fn(server, x, y, w),
                                    reduce_retracing=True)
             self._fused[id(server)] = function
-        kept = server._keep()
+        # The server's state before the step: read inside the call, or before a
+        # metrics reset when the message asks for one.
+        kept = server._keep() if message.reset_metrics else None
         mine: list = []
         try:
             if message.reset_metrics:
                 server.reset_metrics()
             (finite, magnitude, loss_ok, grads_ok, state_ok, loss, cut, server_logs,
-             regularization, logs, mine) = function(x, message.labels, message.sample_weight)
+             regularization, logs, mine, inside) = function(x, message.labels,
+                                                            message.sample_weight)
+            kept = inside if kept is None else kept
             if not bool(finite):
                 server._put_back(kept)
                 self._put_back_state(mine)
@@ -320,7 +326,8 @@ class ClientRole:
                 raise _too_large("activations", float(magnitude), server.max_activation)
             server._refuse_unless_accepted(loss_ok, grads_ok, state_ok, loss)
         except BaseException:
-            server._put_back(kept)
+            if kept is not None:
+                server._put_back(kept)
             if mine:
                 self._put_back_state(mine)
             raise
