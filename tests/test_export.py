@@ -39,6 +39,8 @@ def _gradients(function, inputs, seed):
     # Eight channels and more: patches gathered by slices (space_to_depth in LiteRT).
     (8, 3, (1, 1), "VALID", 8), (9, 3, (2, 2), "SAME", 8), (10, 3, (2, 2), "VALID", 9),
     (11, 5, (3, 3), "SAME", 8), (6, 1, (1, 1), "VALID", 8), (7, 1, (2, 2), "SAME", 3),
+    # One channel (a grayscale image): patches as rows in onnxruntime.
+    (8, 3, (1, 1), "VALID", 1), (9, 3, (2, 2), "SAME", 1),
 ])
 def test_conv2d_gradients_match_tensorflow(rng, runtime, size, kernel, strides, padding,
                                            channels):

@@ -315,7 +315,8 @@ def export_inference(model: keras.Model, path, quantize: str | None = None,
         raise ValueError(f"`quantize` must be None, 'float16' or 'int8'; received {quantize!r}.")
     _require_runtimes("tflite")
     module = DeviceModule(ClientProgram(model), SGD(0.0))
-    data = tflite.convert(module, [device_names.INFER], **options[quantize])
+    with ops.frozen_weights():
+        data = tflite.convert(module, [device_names.INFER], **options[quantize])
     x = sample_inputs(model, check_batch)
     runner = tflite.interpreter(data).get_signature_runner(device_names.INFER)
     got = runner(**dict(zip(module.names, x, strict=True)))

@@ -3,9 +3,11 @@
 TensorFlow's own gradients of convolution, pooling and ReLU are dedicated
 kernels (`Conv2DBackpropFilter`, `MaxPoolGrad`, `ReluGrad`, ...) that neither
 the plain LiteRT runtime nor ONNX has. Each op here has a `tf.custom_gradient`
-written with ops both can run: convolutions, strided slices, matmuls,
-comparisons, pads and reshapes. Spatial sizes are static (known from the
-model); the batch size stays dynamic.
+written with ops both can run: convolutions (transposed ones too: LiteRT's
+TRANSPOSE_CONV, ONNX's ConvTranspose), matrix products, slices, comparisons,
+pads and reshapes. Spatial sizes are static (known from the model); the batch
+size stays dynamic. Where the runtimes differ in what is fast, an op is
+written for the one being exported to (`runtime`), with the same values.
 
 Every gradient here matches TensorFlow's own to float32 rounding, including
 max-pool ties, which go to the first maximum of each window in row-major
@@ -42,7 +44,19 @@ def runtime(name: str):
 
 
 def _lite() -> bool:
-    return _RUNTIME.get() == "tflite"
+    return _RUNTIME.get() != "onnx"
+
+
+@contextlib.contextmanager
+def frozen_weights():
+    """Trace for an inference-only export, whose weights become constants:
+    plain convolutions then, which XNNPACK runs fastest with constant weights
+    and the quantizer knows how to quantize."""
+    token = _RUNTIME.set("frozen")
+    try:
+        yield
+    finally:
+        _RUNTIME.reset(token)
 
 
 def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -92,18 +106,31 @@ def conv2d(x, kernel, strides=(1, 1), padding="VALID"):
     """
     strides, padding = tuple(strides), padding.upper()
     kh, kw, cin, cout = kernel.shape
+    if _RUNTIME.get() == "frozen":
+        return tf.nn.conv2d(x, kernel, strides, padding)
     if (kh, kw) == (1, 1) and strides == (1, 1):
         return _pointwise(x, kernel)
+    # One input channel in onnxruntime: the patches as rows ([taps, positions]),
+    # stacked without interleaving one value at a time; the kernel gradient is
+    # then a plain product, the forward one with the small operand transposed.
+    by_rows = cin == 1 and not _lite()
 
     @tf.custom_gradient
     def forward(x, kernel):
         oh, ow = _output_hw(x.shape, (kh, kw), strides, padding)
-        columns = _columns(x, (kh, kw), (oh, ow), strides, padding)
-        y = tf.reshape(tf.matmul(columns, tf.reshape(kernel, [kh * kw * cin, cout])),
-                       [-1, oh, ow, cout])
+        weights = tf.reshape(kernel, [kh * kw * cin, cout])
+        if by_rows:
+            rows = tf.concat([tf.reshape(p, [1, -1])
+                              for p in _patches(x, (kh, kw), (oh, ow), strides, padding)], 0)
+            y = tf.matmul(rows, weights, transpose_a=True)
+        else:
+            columns = _columns(x, (kh, kw), (oh, ow), strides, padding)
+            y = tf.matmul(columns, weights)
+        y = tf.reshape(y, [-1, oh, ow, cout])
 
         def backward(g):
-            dk = tf.matmul(columns, tf.reshape(g, [-1, cout]), transpose_a=True)
+            g2 = tf.reshape(g, [-1, cout])
+            dk = tf.matmul(rows, g2) if by_rows else tf.matmul(columns, g2, transpose_a=True)
             return (_conv_input_gradient(g, kernel, x.shape, strides, padding),
                     tf.reshape(dk, [kh, kw, cin, cout]))
 
@@ -124,13 +151,28 @@ def _pointwise(x, kernel):
 
         def backward(g):
             g = tf.reshape(g, [-1, cout])
-            dx = tf.reshape(tf.matmul(g, weights, transpose_b=True), [-1, height, width, cin])
+            dx = tf.reshape(tf.matmul(g, _transposed(weights)), [-1, height, width, cin])
             dk = tf.reshape(tf.matmul(rows, g, transpose_a=True), [1, 1, cin, cout])
             return dx, dk
 
         return y, backward
 
     return forward(x, kernel)
+
+
+def _transposed(matrix):
+    """`matrix` transposed, as an operand of a matrix product.
+
+    LiteRT's converter folds any transpose of a product's right operand into
+    a FULLY_CONNECTED, which with variable weights runs 4x slower than the
+    BATCH_MATMUL it otherwise writes (XNNPACK's); a gather of the values in
+    transposed order is the same transpose, which it leaves alone.
+    """
+    if not _lite():
+        return tf.transpose(matrix)
+    rows, cols = matrix.shape
+    order = np.arange(rows * cols).reshape(rows, cols).T.reshape(-1)
+    return tf.reshape(tf.gather(tf.reshape(matrix, [-1]), order), [cols, rows])
 
 
 def _output_hw(x_shape, kernel_hw, strides, padding):
@@ -153,9 +195,25 @@ def _columns(x, kernel_hw, out_hw, strides, padding):
 
 
 def _conv_input_gradient(g, kernel, x_shape, strides, padding):
-    """Conv2DBackpropInput, written as the transposed convolution it is."""
-    shape = tf.stack([tf.shape(g)[0], x_shape[1], x_shape[2], x_shape[3]])
-    return tf.nn.conv2d_transpose(g, kernel, shape, strides, padding)
+    """Conv2DBackpropInput, written as the transposed convolution it is.
+
+    In LiteRT, with stride 1, as one matrix product per kernel tap (XNNPACK's
+    BATCH_MATMUL) whose results are shifted into place and added: 20% faster
+    than its TRANSPOSE_CONV, which XNNPACK takes only with constant weights.
+    """
+    kh, kw, cin, cout = kernel.shape
+    if not (_lite() and strides == (1, 1)):
+        shape = tf.stack([tf.shape(g)[0], x_shape[1], x_shape[2], x_shape[3]])
+        return tf.nn.conv2d_transpose(g, kernel, shape, strides, padding)
+    (top, _), (left, _) = _pads(x_shape, (kh, kw), strides, padding)
+    oh, ow = g.shape[1], g.shape[2]
+    rows, total = tf.reshape(g, [-1, cout]), None
+    for i in range(kh):
+        for j in range(kw):
+            part = tf.reshape(tf.matmul(rows, _transposed(kernel[i, j])), [-1, oh, ow, cin])
+            part = tf.pad(part, [[0, 0], [i, kh - 1 - i], [j, kw - 1 - j], [0, 0]])
+            total = part if total is None else total + part
+    return total[:, top: top + x_shape[1], left: left + x_shape[2], :]
 
 
 def _spread(g, kernel_hw, x_shape, strides, padding):
@@ -248,24 +306,34 @@ def _depthwise_input_gradient(g, kernel, x_shape, strides, padding):
 
 def _depthwise_kernel_gradient(x, g, kernel_shape, strides, padding):
     # dK[i, j, c, m] = sum over batch and positions of x_patch(i, j)[c] *
-    # g[c * multiplier + m]: the patches times the gradient, summed over
-    # batch and positions (rank 3 throughout, which every runtime broadcasts).
+    # g[c * multiplier + m]: each tap's patch times the gradient, summed (no
+    # stacked copy of the patches).
     kh, kw, channels, multiplier = kernel_shape
     patches = _patches(x, (kh, kw), g.shape[1:3], strides, padding)
-    columns = tf.reshape(tf.stack(patches, axis=3), [-1, kh * kw, channels])
-    g = tf.reshape(g, [-1, 1, channels, multiplier])
-    taps = [tf.reduce_sum(columns * g[..., m], axis=0) for m in range(multiplier)]
-    return tf.reshape(tf.stack(taps, axis=-1), [kh, kw, channels, multiplier])
+    if multiplier > 1:
+        g = tf.reshape(g, [-1, g.shape[1], g.shape[2], channels, multiplier])
+    taps = []
+    for patch in patches:
+        if multiplier == 1:
+            taps.append(sum_to_channels(patch * g))
+        else:
+            taps.append(tf.stack([sum_to_channels(patch * g[..., m])
+                                  for m in range(multiplier)], axis=-1))
+    return tf.reshape(tf.stack(taps), [kh, kw, channels, multiplier])
+
+
+def sum_to_channels(x):
+    """Sum over every axis but the last: height and width first, then the batch
+    (one reduction over the three leading axes is 20x slower in onnxruntime)."""
+    if len(x.shape) > 2:
+        x = tf.reduce_sum(x, axis=list(range(1, len(x.shape) - 1)))
+    return tf.reduce_sum(x, axis=0)
 
 
 @tf.custom_gradient
 def bias_add(x, bias):
     def backward(g):
-        # Height and width first, then the batch: one reduction over three
-        # leading axes is 20x slower in onnxruntime.
-        if len(g.shape) > 2:
-            return g, tf.reduce_sum(tf.reduce_sum(g, axis=list(range(1, len(g.shape) - 1))), 0)
-        return g, tf.reduce_sum(g, axis=0)
+        return g, sum_to_channels(g)
 
     return x + bias, backward
 
@@ -273,7 +341,7 @@ def bias_add(x, bias):
 @tf.custom_gradient
 def matmul(x, kernel):
     def backward(g):
-        return tf.matmul(g, kernel, transpose_b=True), tf.matmul(x, g, transpose_a=True)
+        return tf.matmul(g, _transposed(kernel)), tf.matmul(x, g, transpose_a=True)
 
     return tf.matmul(x, kernel), backward
 
@@ -725,8 +793,13 @@ def batch_norm_train(x, gamma, beta, epsilon):
 
     @tf.custom_gradient
     def forward(x, gamma, beta):
-        mean = tf.reduce_mean(x, axis=axes)
-        variance = tf.reduce_mean(tf.math.squared_difference(x, mean), axis=axes)
+        if _lite():
+            mean = tf.reduce_mean(x, axis=axes)
+            variance = tf.reduce_mean(tf.math.squared_difference(x, mean), axis=axes)
+        else:  # onnxruntime: in stages, as sum_to_channels
+            count = tf.cast(tf.size(x) // tf.shape(x)[-1], x.dtype)
+            mean = sum_to_channels(x) / count
+            variance = sum_to_channels(tf.math.squared_difference(x, mean)) / count
         y = _normalize(x, mean, variance, gamma, beta, epsilon)
 
         def backward(g, _mean_gradient, _variance_gradient):
@@ -736,10 +809,10 @@ def batch_norm_train(x, gamma, beta, epsilon):
             normalized = (x - mean) * inverse
             count = tf.cast(tf.size(x) // tf.shape(x)[-1], x.dtype)
             dnormalized = g * gamma
-            sum_d = tf.reduce_sum(dnormalized, axis=axes)
-            sum_dn = tf.reduce_sum(dnormalized * normalized, axis=axes)
+            sum_d = sum_to_channels(dnormalized)
+            sum_dn = sum_to_channels(dnormalized * normalized)
             dx = inverse / count * (count * dnormalized - sum_d - normalized * sum_dn)
-            return dx, tf.reduce_sum(g * normalized, axis=axes), tf.reduce_sum(g, axis=axes)
+            return dx, sum_to_channels(g * normalized), sum_to_channels(g)
 
         return (y, mean, variance), backward
 

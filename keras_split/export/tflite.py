@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import tempfile
 
@@ -24,11 +26,26 @@ def _converter_for(module: DeviceModule, folder: str, keys):
     # the time of a save for a large client half.
     options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
     tf.saved_model.save(module, folder, signatures=signatures, options=options)
-    converter = tf.lite.TFLiteConverter.from_saved_model(folder, signature_keys=list(keys))
+    with _quiet_loader():
+        converter = tf.lite.TFLiteConverter.from_saved_model(folder,
+                                                             signature_keys=list(keys))
     # Builtin ops only: the plain LiteRT runtime (no Flex delegate) runs it.
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     converter.experimental_enable_resource_variables = True
     return converter
+
+
+@contextlib.contextmanager
+def _quiet_loader():
+    """The loader warns, once per signature, that the saved functions lack their
+    custom gradients; nothing asks for them (see `_converter_for`)."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def convert(module: DeviceModule, keys, optimizations=None, supported_types=None) -> bytes:
@@ -40,7 +57,8 @@ def convert(module: DeviceModule, keys, optimizations=None, supported_types=None
         if supported_types:
             converter.target_spec.supported_types = supported_types
         try:
-            return converter.convert()
+            with _quiet_loader():
+                return converter.convert()
         except Exception as error:  # the converter raises several unrelated types
             text = str(error)
             needed = [line.split(":", 1)[1].strip() for line in text.splitlines()
