@@ -54,6 +54,23 @@ def test_conv2d_gradients_match_tensorflow(rng, runtime, size, kernel, strides, 
 
 
 @pytest.mark.parametrize("runtime", ["tflite", "onnx"])
+@pytest.mark.parametrize(("channels", "strides", "padding"), [
+    (1, (1, 1), "VALID"), (3, (2, 2), "SAME"), (8, (1, 1), "SAME"), (8, (2, 2), "VALID"),
+])
+def test_conv2d_with_its_bias_in_the_product_matches_tensorflow(rng, runtime, channels,
+                                                                 strides, padding):
+    x = rng.normal(size=(3, 9, 10, channels)).astype("float32")
+    k = rng.normal(size=(3, 3, channels, 4)).astype("float32")
+    b = rng.normal(size=(4,)).astype("float32")
+    with ops.runtime(runtime):
+        mine = _gradients(lambda a, c, d: ops.conv2d(a, c, strides, padding, bias=d), [x, k, b],
+                          12)
+    theirs = _gradients(lambda a, c, d: tf.nn.conv2d(a, c, strides, padding) + d, [x, k, b], 12)
+    for a, c in zip(mine, theirs, strict=True):
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("runtime", ["tflite", "onnx"])
 @pytest.mark.parametrize("pool", [(2, 2), (3, 3), (2, 3)])
 def test_max_pool_gradient_goes_to_the_first_maximum_like_tensorflow(rng, runtime, pool):
     # Small integers make many ties inside windows.

@@ -96,47 +96,58 @@ def _dilate(g, strides):
 IM2COL_MIN_CHANNELS = 8
 
 
-def conv2d(x, kernel, strides=(1, 1), padding="VALID"):
-    """NHWC convolution (no dilation, one group).
+def conv2d(x, kernel, strides=(1, 1), padding="VALID", bias=None):
+    """NHWC convolution (no dilation, one group), plus `bias` if given.
 
     Forward as a matrix product over patches; the kernel gradient is the
     product of the same patches with the output gradient; the input gradient
     a transposed convolution, which LiteRT (TRANSPOSE_CONV) and ONNX
-    (ConvTranspose) run as forward ops.
+    (ConvTranspose) run as forward ops. A bias rides in the product as one
+    more weight row against a patch entry of 1: no pass over the output to
+    add it, and its gradient (the output gradient's sum) comes with the
+    kernel's.
     """
     strides, padding = tuple(strides), padding.upper()
     kh, kw, cin, cout = kernel.shape
-    if _RUNTIME.get() == "frozen":
-        return tf.nn.conv2d(x, kernel, strides, padding)
-    if (kh, kw) == (1, 1) and strides == (1, 1):
-        return _pointwise(x, kernel)
+    if _RUNTIME.get() == "frozen" or ((kh, kw) == (1, 1) and strides == (1, 1)):
+        y = (tf.nn.conv2d(x, kernel, strides, padding) if _RUNTIME.get() == "frozen"
+             else _pointwise(x, kernel))
+        return y if bias is None else bias_add(y, bias)
     # One input channel in onnxruntime: the patches as rows ([taps, positions]),
     # stacked without interleaving one value at a time; the kernel gradient is
     # then a plain product, the forward one with the small operand transposed.
     by_rows = cin == 1 and not _lite()
+    size = kh * kw * cin
 
-    @tf.custom_gradient
-    def forward(x, kernel):
+    def product(x, kernel, bias):
         oh, ow = _output_hw(x.shape, (kh, kw), strides, padding)
-        weights = tf.reshape(kernel, [kh * kw * cin, cout])
+        weights = tf.reshape(kernel, [size, cout])
+        if bias is not None:
+            weights = tf.concat([weights, tf.reshape(bias, [1, cout])], 0)
         if by_rows:
-            rows = tf.concat([tf.reshape(p, [1, -1])
-                              for p in _patches(x, (kh, kw), (oh, ow), strides, padding)], 0)
-            y = tf.matmul(rows, weights, transpose_a=True)
+            rows = [tf.reshape(p, [1, -1]) for p in _patches(x, (kh, kw), (oh, ow), strides,
+                                                             padding)]
+            if bias is not None:
+                rows.append(tf.ones_like(rows[0]))
+            patches = tf.concat(rows, 0)
+            y = tf.matmul(patches, weights, transpose_a=True)
         else:
-            columns = _columns(x, (kh, kw), (oh, ow), strides, padding)
-            y = tf.matmul(columns, weights)
+            patches = _columns(x, (kh, kw), (oh, ow), strides, padding, ones=bias is not None)
+            y = tf.matmul(patches, weights)
         y = tf.reshape(y, [-1, oh, ow, cout])
 
         def backward(g):
             g2 = tf.reshape(g, [-1, cout])
-            dk = tf.matmul(rows, g2) if by_rows else tf.matmul(columns, g2, transpose_a=True)
-            return (_conv_input_gradient(g, kernel, x.shape, strides, padding),
-                    tf.reshape(dk, [kh, kw, cin, cout]))
+            dw = tf.matmul(patches, g2) if by_rows else tf.matmul(patches, g2, transpose_a=True)
+            dx = _conv_input_gradient(g, kernel, x.shape, strides, padding)
+            dk = tf.reshape(dw[:size], [kh, kw, cin, cout])
+            return (dx, dk) if bias is None else (dx, dk, dw[size])
 
         return y, backward
 
-    return forward(x, kernel)
+    if bias is None:
+        return tf.custom_gradient(lambda x, kernel: product(x, kernel, None))(x, kernel)
+    return tf.custom_gradient(product)(x, kernel, bias)
 
 
 def _pointwise(x, kernel):
@@ -181,17 +192,24 @@ def _output_hw(x_shape, kernel_hw, strides, padding):
     return tuple((x_shape[i + 1] - kernel_hw[i]) // strides[i] + 1 for i in range(2))
 
 
-def _columns(x, kernel_hw, out_hw, strides, padding):
-    """im2col: [batch * oh * ow, kh * kw * channels], taps in kernel order."""
+def _columns(x, kernel_hw, out_hw, strides, padding, ones=False):
+    """im2col: [batch * oh * ow, kh * kw * channels (+ 1: a column of ones)],
+    taps in kernel order."""
     kh, kw = kernel_hw
     size = kh * kw * x.shape[3]
     if x.shape[3] < IM2COL_MIN_CHANNELS and _lite():
-        # Exact: each output is one input value times 1 plus zeros.
-        gather = np.eye(size, dtype=np.float32).reshape(kh, kw, x.shape[3], size)
+        # Exact: each output is one input value times 1 plus zeros (and the
+        # column of ones is the constant bias of that convolution).
+        gather = np.eye(size, size + ones, dtype=np.float32).reshape(kh, kw, x.shape[3],
+                                                                     size + ones)
         columns = tf.nn.conv2d(x, tf.constant(gather, x.dtype), strides, padding)
-        return tf.reshape(columns, [-1, size])
+        if ones:
+            columns = tf.nn.bias_add(columns, tf.constant(np.eye(size + 1)[-1], x.dtype))
+        return tf.reshape(columns, [-1, size + ones])
     patches = _patches(x, kernel_hw, out_hw, strides, padding)
-    return tf.reshape(tf.concat(patches, axis=3), [-1, size])
+    if ones:
+        patches.append(tf.ones_like(patches[0][..., :1]))
+    return tf.reshape(tf.concat(patches, axis=3), [-1, size + ones])
 
 
 def _conv_input_gradient(g, kernel, x_shape, strides, padding):

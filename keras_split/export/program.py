@@ -303,12 +303,13 @@ class ClientProgram:
 
     def _Conv2D(self, call, args, training):  # noqa: N802
         layer = call.layer
-        y = ops.conv2d(args[0], self._p(layer.kernel), layer.strides, layer.padding)
-        return [self._finish(call, y)]
+        bias = self._p(layer.bias) if layer.use_bias else None
+        y = ops.conv2d(args[0], self._p(layer.kernel), layer.strides, layer.padding, bias)
+        return [self._finish(call, y, biased=True)]
 
-    def _finish(self, call, y):
+    def _finish(self, call, y, biased=False):
         layer = call.layer
-        if layer.use_bias:
+        if layer.use_bias and not biased:
             y = ops.bias_add(y, self._p(layer.bias))
         if id(call) in self._relu_deferred:
             return y
@@ -500,7 +501,7 @@ def _ends_with_relu(layer) -> bool:
         return False
     return isinstance(layer, (keras.layers.Activation, keras.layers.Conv2D, keras.layers.Dense,
                               keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D)) \
-        and _ACTIVATIONS.get(_activation_name(layer)) is ops.relu
+        and _activation_name(layer) == "relu"
 
 
 def _check_channels_last(layer):
