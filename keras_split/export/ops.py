@@ -624,6 +624,10 @@ def max_pool(x, pool, strides=None, padding="VALID", relu=False):
     pooled tensor, a quarter of the size for 2x2 windows.
     """
     pool, strides, padding = tuple(pool), tuple(strides or pool), padding.upper()
+    if _RUNTIME.get() == "frozen":
+        # Inference only: the ReLU back before the pool, where the converter
+        # fuses it into the convolution.
+        return tf.nn.max_pool2d(tf.nn.relu(x) if relu else x, pool, strides, padding)
     if strides != pool or padding != "VALID":
         y = _max_pool_general(x, pool, strides, padding)
         return _relu(y) if relu else y
