@@ -471,11 +471,12 @@ class LoopOwner:
         ends the fit for good instead."""
         self.stop_training = self._interrupted = True
 
-    def export_client(self, path, format=None, optimizer=None):
+    def export_client(self, path, format=None, optimizer=None, **options):
         """Export the client half for on-device training (see
-        `keras_split.export.export_client`). The device's optimizer defaults to a
-        fresh copy of this client's compiled optimizer; the client's own
-        objective (NoPeek) goes with it."""
+        `keras_split.export.export_client`, which takes the `options`, such as
+        `dropout="inference"`). The device's optimizer defaults to a fresh copy
+        of this client's compiled optimizer; the client's own objective
+        (NoPeek) goes with it."""
         from keras_split.export import export_client
 
         if optimizer is None:
@@ -484,7 +485,7 @@ class LoopOwner:
                                  "client's optimizer can be used on the device.")
             optimizer = type(self.optimizer).from_config(self.optimizer.get_config())
         return export_client(self.client, path, format=format, optimizer=optimizer,
-                             objective=getattr(self.client_role, "objective", None))
+                             objective=getattr(self.client_role, "objective", None), **options)
 
     # Hooks for parties that checkpoint (see `SplitClient`); no-ops here.
 

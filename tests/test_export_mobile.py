@@ -260,3 +260,18 @@ def test_separable_pooling_and_inference_dropout_train_on_the_device(tmp_path, r
         device.train([x], [gradient])
     for got, want in zip(device.get_weights(), clone.get_weights(), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_a_split_passes_export_options_through(tmp_path):
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inputs)
+    x = keras.layers.Dropout(0.2, name="drop")(x)
+    x = keras.layers.Flatten(name="flat")(x)
+    outputs = keras.layers.Dense(2, name="logits")(x)
+    split = keras_split.split(keras.Model(inputs, outputs), "flat")
+    split.compile(optimizer="sgd",
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with pytest.raises(ValueError, match="dropout"):
+        split.export_client(tmp_path / "refused.onnx")
+    report = split.export_client(tmp_path / "client.onnx", dropout="inference")
+    assert (tmp_path / "client.onnx").exists() and report is not None
