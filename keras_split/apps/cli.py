@@ -20,10 +20,7 @@ def _demo(args) -> int:
     from keras_split.partition import cut_candidates
 
     if args.list_cuts:
-        print(f"{'layer':<10} {'bytes/sample':>12} {'client params':>14} {'client FLOPs':>13}")
-        for c in cut_candidates(build_demo_cnn()):
-            print(f"{c.layer:<10} {c.bytes_per_sample:>12,} {c.client_params:>14,} "
-                  f"{c.client_flops_fraction:>12.1%}")
+        cut_candidates(build_demo_cnn()).summary()
         return 0
     run_demo(epochs=args.epochs, cut=args.cut, batch_size=args.batch_size,
              learning_rate=args.learning_rate, seed=args.seed, verbose=2 if args.quiet else 1)
