@@ -16,6 +16,7 @@ import numpy as np
 
 from keras_split.datasets import load_pneumoniamnist_balanced
 from keras_split.split_model import split
+from keras_split.trainer import ByteCountProgbar  # the apps' progress bar (netdemo imports it here)
 
 DEFAULT_CUT = "pool2"
 
@@ -37,9 +38,6 @@ def build_demo_cnn(input_shape=(28, 28, 1), num_classes=2) -> keras.Model:
 
 def demo_loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-from keras_split.trainer import ByteCountProgbar  # noqa: E402  (re-exported for the apps)
 
 
 def format_logs(logs: dict) -> str:

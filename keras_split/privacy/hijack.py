@@ -48,7 +48,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_split.messages import Activations, Reply
-from keras_split.privacy.attacks import _cut_activations, _pyplot, inversion_decoder
+from keras_split.privacy.attacks import _cut_activations, _pyplot, _rows, inversion_decoder
 from keras_split.privacy.defences import (
     _entropy,
     _step_rng,
@@ -253,11 +253,6 @@ def _wrong_labels(labels, num_classes: int, rng: np.random.Generator):
     array, one_hot, classes = class_labels(
         labels, num_classes, "The hijack detector needs (set `num_classes`)")
     return like_labels(other_classes(classes, num_classes, rng), array, one_hot, num_classes)
-
-
-def _rows(gradients) -> np.ndarray:
-    return np.concatenate([np.asarray(g, np.float64).reshape(len(g), -1) for g in gradients],
-                          axis=1)
 
 
 def gradient_agreement(true_gradients, wrong_gradients) -> float:
