@@ -45,7 +45,7 @@ _EXPORTS = {
     "CutCandidate": "keras_split.partition",
     "CutSpec": "keras_split.partition",
     "CutTable": "keras_split.partition",
-    "cut_candidates": "keras_split.partition",
+    "cut_candidates": "keras_split.planning",
     "Cost": "keras_split.planning",
     "CostPlan": "keras_split.planning",
     "plan": "keras_split.planning",
@@ -74,8 +74,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported e
     from keras_split.network.client import SplitClient
     from keras_split.network.server import SplitServer
     from keras_split.network.transport import GrpcTransport, ServerError
-    from keras_split.partition import CutCandidate, CutSpec, CutTable, cut_candidates
-    from keras_split.planning import Cost, CostPlan, plan
+    from keras_split.partition import CutCandidate, CutSpec, CutTable
+    from keras_split.planning import Cost, CostPlan, cut_candidates, plan
     from keras_split.roles import ClientRole, ClientStep, ServerRole
     from keras_split.split_model import SplitModel, split
     from keras_split.transport import ByteCounter, InProcessTransport, Transport

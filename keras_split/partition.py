@@ -46,6 +46,12 @@ class CutCandidate:
             row's numbers are those of the first.
         refused: None for a cut `split()` accepts; otherwise why it refuses it
             (listed only with `cut_candidates(model, include_raw=True)`).
+        exportable: whether the client half can be exported for training on a
+            device (`keras_split.export.export_client`); None when the table
+            was made without the export's check (`keras_split.partition.
+            cut_candidates` without `device_check`).
+        export_blocker: when `exportable` is False, the first layer of the
+            client half (in graph order) the export has no rule for.
     """
 
     # Fields come in the order they were added; new ones (such as whether the
@@ -59,6 +65,8 @@ class CutCandidate:
     total_flops: int = 0
     layers: tuple[str, ...] = ()
     refused: str | None = None
+    exportable: bool | None = None
+    export_blocker: str | None = None
 
     def __post_init__(self):
         if not self.layers:
@@ -124,6 +132,9 @@ class CutTable(list):
                     "share a row (collapse=False lists each)"),
                  f"Forward FLOPs per sample: {_human(self.total_flops)}"]
         header = ["Cut", "Bytes/sample", "Client params", "Client FLOPs", "Share"]
+        device = any(row.exportable is not None for row in self)
+        if device:
+            header.append("Device")
         rows = [
             [
                 _shorten(row.layer if len(row.layers) == 1
@@ -133,19 +144,30 @@ class CutTable(list):
                 _human(row.client_flops),
                 f"{row.client_flops_fraction:.1%}",
             ]
+            + ([_device_cell(row)] if device else [])
             + ([f"refused: {row.refused}"] if row.refused else [])
             for row in self
         ]
-        widths = [max([len(header[i])] + [len(r[i]) for r in rows]) for i in range(5)]
-        rule = "─" * (sum(widths) + 2 * 4)
+        columns = len(header)
+        widths = [max([len(header[i])] + [len(r[i]) for r in rows]) for i in range(columns)]
+        rule = "─" * (sum(widths) + 2 * (columns - 1))
 
         def line(cells):
             text = cells[0].ljust(widths[0]) + "".join(
-                "  " + cell.rjust(width) for cell, width in zip(cells[1:5], widths[1:], strict=True)
+                "  " + cell.rjust(width)
+                for cell, width in zip(cells[1:5], widths[1:5], strict=True)
             )
-            return text + "".join("  " + extra for extra in cells[5:])
+            if device:
+                text += "  " + cells[5].ljust(widths[5])
+            return (text + "".join("  " + extra for extra in cells[columns:])).rstrip()
 
         return lines + [rule, line(header), rule] + [line(r) for r in rows] + [rule]
+
+
+def _device_cell(row: CutCandidate) -> str:
+    if row.exportable is None:
+        return "?"
+    return "yes" if row.exportable else f"no: {_shorten(row.export_blocker or '?', 30)}"
 
 
 def _human(flops: int) -> str:
@@ -476,7 +498,8 @@ def _count_params(calls) -> int:
     return int(sum(np.prod(w.shape) for w in weights.values()))
 
 
-def cut_candidates(model, *, collapse: bool = True, include_raw: bool = False) -> CutTable:
+def cut_candidates(model, *, collapse: bool = True, include_raw: bool = False,
+                   device_check=None) -> CutTable:
     """List the layers at which a single cut separates inputs from outputs.
 
     Use it to choose a cut: a phone wants few client parameters and FLOPs, the
@@ -496,6 +519,12 @@ def cut_candidates(model, *, collapse: bool = True, include_raw: bool = False) -
         include_raw: also list the cuts whose client half has no trainable
             weights (Rescaling, ZeroPadding2D, Normalization right after the
             input), with `refused` saying why `split()` refuses them.
+        device_check: a callable taking one `keras_split.graph.Call` and
+            returning True when a device export cannot express it. With it,
+            each row says whether its client half exports (`exportable`,
+            `export_blocker`). `keras_split.cut_candidates` passes the export
+            layer's check (`keras_split.export.program.blocks_export`); the
+            core knows no export rules of its own.
 
     Returns:
         A `CutTable`: a list of `CutCandidate`; `summary()` prints it.
@@ -523,6 +552,16 @@ def cut_candidates(model, *, collapse: bool = True, include_raw: bool = False) -
     flops = {id(c): call_flops(c) for c in graph.calls}
     total = sum(flops.values())
     out_keys = _output_keys(graph)
+    blocks: dict[int, bool] = {}
+
+    def blocker(client_calls) -> str | None:
+        for c in client_calls:
+            if id(c) not in blocks:
+                blocks[id(c)] = bool(device_check(c))
+            if blocks[id(c)]:
+                return c.name
+        return None
+
     rows: list[tuple[CutCandidate, Call]] = []
     for call in graph.calls:
         if call.is_input or any(tensor_key(t) in out_keys for t in call.outputs):
@@ -536,6 +575,7 @@ def cut_candidates(model, *, collapse: bool = True, include_raw: bool = False) -
         client_calls = [c for c in graph.calls if id(c) in client]
         per_sample = [spec_of(call.name, t).bytes_per_sample for t in call.outputs]
         client_flops = sum(flops[id(c)] for c in client_calls)
+        stop = blocker(client_calls) if device_check is not None else None
         row = CutCandidate(
             layer=call.name,
             bytes_per_sample=None if None in per_sample else sum(per_sample),
@@ -545,6 +585,8 @@ def cut_candidates(model, *, collapse: bool = True, include_raw: bool = False) -
             total_flops=total,
             refused=("sends raw inputs: the client half has no trainable weights"
                      if id(call) in raw else None),
+            exportable=None if device_check is None else stop is None,
+            export_blocker=stop,
         )
         rows.append((row, call))
     table = [row for row, _ in rows]
@@ -559,8 +601,10 @@ def _collapse(rows: list[tuple[CutCandidate, Call]]) -> list[CutCandidate]:
     A cut joins the previous row when it sends the same bytes, its layer reads
     nothing but the previous cut's output, and it has no kernel (weights of
     more than one dimension): BatchNormalization, activations, Dropout,
-    Flatten. A layer with a kernel (a convolution, even one that keeps the
-    shape, as VGG's second convolution of a block) starts a row of its own."""
+    Flatten; and when the table has a device column, only when its client
+    half exports (or is stopped by the same layer) as the row's first. A
+    layer with a kernel (a convolution, even one that keeps the shape, as
+    VGG's second convolution of a block) starts a row of its own."""
     groups: list[list[tuple[CutCandidate, Call]]] = []
     for row, call in rows:
         if groups:
@@ -569,6 +613,7 @@ def _collapse(rows: list[tuple[CutCandidate, Call]]) -> list[CutCandidate]:
             if (row.bytes_per_sample is not None
                     and row.bytes_per_sample == last.bytes_per_sample
                     and row.refused == last.refused
+                    and row.export_blocker == last.export_blocker
                     and all(len(w.shape) <= 1 for w in call.weights)
                     and all(tensor_key(t) in sent for t in call.inputs)):
                 groups[-1].append((row, call))

@@ -21,12 +21,67 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
+from keras_split import partition
+from keras_split.export.program import blocks_export
 from keras_split.flops import call_flops
 from keras_split.graph import Graph, read_graph
-from keras_split.partition import analyse_cut, check_graph_model, cut_candidates, spec_of
+from keras_split.partition import CutTable, analyse_cut, check_graph_model, spec_of
 from keras_split.split_model import SplitModel
 
-__all__ = ["CONFIGURATIONS", "Cost", "CostPlan", "plan"]
+__all__ = ["CONFIGURATIONS", "Cost", "CostPlan", "cut_candidates", "plan"]
+
+def cut_candidates(model, *, collapse: bool = True, include_raw: bool = False,
+                   dropout: str | None = None) -> CutTable:
+    """List the layers at which a single cut separates inputs from outputs,
+    with what each costs and whether its client half trains on a device.
+
+    This is `keras_split.cut_candidates`: the core's table
+    (`keras_split.partition.cut_candidates`, whose arguments `collapse` and
+    `include_raw` it passes on) plus, for every row, whether
+    `keras_split.export.export_client` can export its client half for
+    on-device training (`exportable`) and if not the first layer it has no
+    rule for (`export_blocker`), shown as the table's "Device" column.
+
+    Use it to choose a cut: a phone wants few client parameters and FLOPs and
+    an exportable client, the network wants few bytes per sample. Rows come in
+    graph order, and each row names a cut `split()` accepts: cuts bypassed by a
+    skip connection or a parallel branch are left out (they need several
+    tensors; `split()`'s error names them), and so are cuts that would send raw
+    inputs (see `include_raw`).
+
+    Args:
+        model: a functional or Sequential `keras.Model`.
+        collapse: when True (the default), a layer's cut and the cuts right
+            after it that send the same number of bytes through layers without
+            a kernel (Conv→BatchNorm→ReLU, Pool→Flatten) share one row, named
+            after the first of them and listing all in `layers`. False gives
+            one row per cut.
+        include_raw: also list the cuts whose client half has no trainable
+            weights (Rescaling, ZeroPadding2D, Normalization right after the
+            input), with `refused` saying why `split()` refuses them.
+        dropout: as for `export_client`: None (the default) counts a Dropout
+            with a rate as blocking the export; "inference" counts it as
+            exportable (the device trains with Dropout off).
+
+    Returns:
+        A `CutTable`: a list of `CutCandidate`; `summary()` prints it.
+
+    Example:
+
+    ```python
+    table = keras_split.cut_candidates(model)
+    table.summary()
+    for c in table:
+        print(c.layer, c.bytes_per_sample, c.client_params, c.client_flops,
+              f"{c.client_flops_fraction:.0%}", c.exportable, c.export_blocker)
+    ```
+    """
+    if dropout not in (None, "inference"):
+        raise ValueError(f"`dropout` must be None or 'inference'; received {dropout!r}.")
+    return partition.cut_candidates(
+        model, collapse=collapse, include_raw=include_raw,
+        device_check=lambda call: blocks_export(call, dropout))
+
 
 CONFIGURATIONS = ("vanilla", "round_robin", "splitfed", "federated", "large_batch_sgd")
 SPLIT_CONFIGURATIONS = ("vanilla", "round_robin", "splitfed")
@@ -306,7 +361,7 @@ def _profile(model, cut) -> tuple[_Whole, list[_Cut]]:
 
     check_graph_model(model)
     if cut is None:
-        rows = cut_candidates(model)
+        rows = partition.cut_candidates(model)
         if not rows:
             raise ValueError(f"'{model.name}' has no single-layer cut; pass cut=[...] with "
                              "the layers whose outputs together separate it.")

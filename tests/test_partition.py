@@ -152,9 +152,10 @@ def test_cut_table_prints_compactly():
     assert lines[0].startswith("Cut candidates of 'conv_bn_relu': 7 cuts in 4 rows")
     assert lines[1] == f"Forward FLOPs per sample: {table.total_flops / 1e3:.2f}K"
     assert lines[3].split() == ["Cut", "Bytes/sample", "Client", "params", "Client", "FLOPs",
-                                "Share"]
+                                "Share", "Device"]
     assert lines[5].split()[:5] == ["conv1", "…", "relu1", "(3", "cuts)"]
     assert lines[5].split()[5:7] == ["1,024", "40"]
+    assert lines[5].split()[-1] == "yes"
     # A big table keeps a one-line repr: the first and last rows' names only.
     big = keras_split.partition.CutTable(list(table) * 10, model_name="big", cuts=70)
     assert repr(big) == (
@@ -168,6 +169,56 @@ def test_cut_candidates_checks_its_options():
     with pytest.raises(TypeError, match=r"`collapse` and `include_raw` must be True or False, "
                                         r"received collapse='no'"):
         keras_split.cut_candidates(_chain(), collapse="no")
+
+
+def _dropout_cnn():
+    inp = keras.Input((8, 8, 1), name="image")
+    x = layers.Conv2D(4, 3, name="conv1")(inp)
+    x = layers.Dropout(0.2, name="drop")(x)
+    x = layers.Conv2D(4, 3, name="conv2")(x)
+    x = layers.Flatten(name="flatten")(x)
+    return keras.Model(inp, layers.Dense(2, name="logits")(x), name="dropout_cnn")
+
+
+def test_cut_table_says_which_client_halves_export_to_a_device():
+    model = _dropout_cnn()
+    table = keras_split.cut_candidates(model)
+    # Dropout with a rate has no training rule on the device unless the export
+    # is told to train with it off: every cut from it on is marked with it.
+    assert [(c.layers, c.exportable, c.export_blocker) for c in table] == [
+        (("conv1",), True, None), (("drop",), False, "drop"),
+        (("conv2", "flatten"), False, "drop"),
+    ]
+    lines = str(table).splitlines()
+    assert lines[5].split()[-1] == "yes" and lines[6].split()[-2:] == ["no:", "drop"]
+    inference = keras_split.cut_candidates(model, dropout="inference")
+    # conv1 and drop send the same bytes but only one of them exports: two rows
+    # above, one row here.
+    assert [(c.layers, c.exportable) for c in inference] == [
+        (("conv1", "drop"), True), (("conv2", "flatten"), True)]
+    # The core's table knows no export rules: no column unless given the check.
+    core = keras_split.partition.cut_candidates(model)
+    assert {c.exportable for c in core} == {None} and "Device" not in str(core)
+    with pytest.raises(ValueError, match="`dropout` must be None or 'inference'; "
+                                         "received 'training'"):
+        keras_split.cut_candidates(model, dropout="training")
+
+
+@pytest.mark.parametrize("app", ["MobileNetV3Small", "EfficientNetB0"])
+def test_device_column_agrees_with_exporting_each_client_half(app):
+    from keras_split.export import ClientProgram, UnsupportedLayerError, exportable
+
+    model = getattr(keras.applications, app)(input_shape=(32, 32, 3), weights=None)
+    table = keras_split.cut_candidates(model)
+    assert any(c.exportable for c in table) and not all(c.exportable for c in table)
+    for row in table[:: max(1, len(table) // 8)] + [next(c for c in table if not c.exportable)]:
+        client = keras_split.split(model, row.layer).client
+        assert exportable(client) == (row.exportable, row.export_blocker), row.layer
+        if row.exportable:
+            ClientProgram(client)  # builds every rule: no layer refused
+        else:
+            with pytest.raises(UnsupportedLayerError, match=row.export_blocker):
+                ClientProgram(client)
 
 
 # -- no raw inputs over the wire ---------------------------------------------------

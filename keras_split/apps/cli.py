@@ -17,7 +17,7 @@ from keras_split.apps.quiet import filtered_stderr, quiet_tensorflow
 
 def _demo(args) -> int:
     from keras_split.apps.demo import build_demo_cnn, run_demo
-    from keras_split.partition import cut_candidates
+    from keras_split.planning import cut_candidates
 
     if args.list_cuts:
         cut_candidates(build_demo_cnn()).summary()

@@ -94,19 +94,41 @@ def _regularized(layer) -> bool:
 def _blocking(model, options) -> tuple[Call | None, UnsupportedLayerError | None]:
     """The first call (in graph order) the export cannot express, and why."""
     for call in read_graph(model).calls:
-        if call.is_input:
-            continue
-        try:
-            _checked_rule(call, options)
-            if _regularized(call.layer):
-                raise UnsupportedLayerError(
-                    f"Layer {call.layer.name!r} ({type(call.layer).__name__}) has a "
-                    "regularization loss (kernel_regularizer, activity_regularizer, add_loss); "
-                    "the device export has no rule for it. Remove it from the client's layers "
-                    "before exporting, or cut before this layer.")
-        except UnsupportedLayerError as error:
+        error = _why_not(call, options)
+        if error is not None:
             return call, error
     return None, None
+
+
+def _why_not(call: Call, options) -> UnsupportedLayerError | None:
+    """Why the export cannot express `call`, or None when it can."""
+    if call.is_input:
+        return None
+    try:
+        _checked_rule(call, options)
+        if _regularized(call.layer):
+            raise UnsupportedLayerError(
+                f"Layer {call.layer.name!r} ({type(call.layer).__name__}) has a "
+                "regularization loss (kernel_regularizer, activity_regularizer, add_loss); "
+                "the device export has no rule for it. Remove it from the client's layers "
+                "before exporting, or cut before this layer.")
+    except UnsupportedLayerError as error:
+        return error
+    return None
+
+
+def blocks_export(call: Call, dropout: str | None = None) -> bool:
+    """Whether the device export cannot express one call of a layer graph.
+
+    The per-call form of `exportable`, for a cut table that asks it once per
+    layer of a whole model and then, for each cut, looks only at the calls on
+    the client's side (`keras_split.cut_candidates` does this).
+
+    Args:
+        call: one `keras_split.graph.Call` of `read_graph(model).calls`.
+        dropout: as for `exportable`.
+    """
+    return _why_not(call, _options(dropout)) is not None
 
 
 def exportable(model: keras.Model, dropout: str | None = None) -> tuple[bool, str | None]:
