@@ -295,3 +295,45 @@ def test_generated_folders_are_ignored_and_the_manifest_untracked():
     ignored = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=ROOT,
                              capture_output=True, text=True).stdout.split()
     assert ignored == paths
+
+
+# -- keras-split plan -------------------------------------------------------------------
+
+
+def test_plan_prints_the_librarys_plan(capsys):
+    from keras_split.apps.demo import build_demo_cnn
+
+    args = ["--samples", "2428", "--clients", "4", "--epochs", "3", "--batch-size", "64"]
+    assert cli.main(["plan", *args, "--cut", "pool2"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    expected = []
+    keras_split.plan(build_demo_cnn(), samples=2428, num_clients=4, epochs=3, batch_size=64,
+                     cut="pool2").summary(print_fn=expected.append)
+    assert printed == expected
+    # SplitFed's row, by hand: each client receives 607 samples x 3 epochs x 3,200
+    # bytes of cut gradients, plus the client half's 4,800 float32 weights each
+    # round (3 rounds): 5,884,800 bytes.
+    splitfed = next(line for line in printed if line.startswith("SplitFed")).split()
+    assert splitfed[4:6] == [f"{(607 * 3 * 3200 + 3 * 4800 * 4) / 1e6:.2f}", "MB"]
+
+    assert cli.main(["plan", *args, "--configurations", "vanilla,federated"]) == 0
+    text = capsys.readouterr().out
+    assert "federated learning" in text and "SplitFed" not in text and "pool1" in text
+
+
+def test_plan_configurations_are_the_librarys():
+    from keras_split.planning import CONFIGURATIONS
+
+    assert cli.PLAN_CONFIGURATIONS == CONFIGURATIONS
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--app", "NoSuchNet"], "--app 'NoSuchNet' is not a keras.applications network"),
+    (["--app", "VGG16", "--input-shape", "32x32"],
+     "--input-shape must be height,width,channels such as 32,32,3; received '32x32'"),
+    (["--app", "VGG16", "--model", "m.keras"], "Give --model or --app, not both."),
+])
+def test_plan_errors_name_the_flags(argv, message, capsys):
+    assert cli.main(["plan", "--samples", "10", "--clients", "2", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1

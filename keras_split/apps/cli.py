@@ -27,6 +27,86 @@ def _demo(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    import keras
+
+    from keras_split.planning import plan
+
+    if args.model and args.app:
+        raise ValueError("Give --model or --app, not both.")
+    if args.model:
+        model = keras.models.load_model(args.model, compile=False)  # the user's own file
+    elif args.app:
+        build = getattr(keras.applications, args.app, None)
+        if not callable(build):
+            raise ValueError(f"--app {args.app!r} is not a keras.applications network; try "
+                             "VGG16, ResNet50, MobileNetV2, EfficientNetB0, DenseNet121.")
+        model = build(input_shape=_shape(args.input_shape), classes=args.classes,
+                      weights=None)
+    else:
+        from keras_split.apps.demo import build_demo_cnn
+
+        model = build_demo_cnn()
+    configurations = [c.strip() for c in args.configurations.split(",") if c.strip()]
+    plan(model, samples=args.samples, num_clients=args.clients, epochs=args.epochs,
+         batch_size=args.batch_size, cut=args.cut, configurations=configurations,
+         local_epochs=args.local_epochs, label_bytes=args.label_bytes,
+         backward_factor=args.backward_factor).summary()
+    return 0
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.lower().replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"--input-shape must be height,width,channels such as 32,32,3; "
+                         f"received {text!r}.")
+    return shape
+
+
+# keras_split.planning.CONFIGURATIONS, written out: building the parser must not
+# import Keras (a test checks the two agree).
+PLAN_CONFIGURATIONS = ("vanilla", "round_robin", "splitfed", "federated", "large_batch_sgd")
+
+
+def _plan_command(commands) -> None:
+    plan = commands.add_parser(
+        "plan",
+        help="what training at each cut costs each client: FLOPs and bytes, split vs federated",
+        description=(
+            "Print, for each candidate cut (or --cut), what each client computes (forward and "
+            "backward FLOPs) and sends and receives over the whole training, and what the "
+            "server computes, for split learning (vanilla, round-robin, SplitFed), federated "
+            "learning and large-batch synchronous SGD. Nothing trains. The model is --model "
+            "(a .keras file), --app (a keras.applications network, weights not needed) or, "
+            "by default, the demo CNN. Formulas: help(keras_split.plan)."
+        ),
+    )
+    source = plan.add_argument_group("the model")
+    source.add_argument("--model", help="a whole (unsplit) model, a .keras file")
+    source.add_argument("--app", help="a keras.applications network by name, e.g. VGG16")
+    source.add_argument("--input-shape", default="32,32,3",
+                        help="with --app: height,width,channels (default 32,32,3)")
+    source.add_argument("--classes", type=int, default=10, help="with --app (default 10)")
+    plan.add_argument("--samples", type=int, required=True,
+                      help="training samples, all clients together")
+    plan.add_argument("--clients", type=int, required=True, help="number of clients")
+    plan.add_argument("--epochs", type=int, default=1, help="epochs (default 1)")
+    plan.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    plan.add_argument("--cut", help="one cut layer (default: every candidate cut)")
+    plan.add_argument("--local-epochs", type=int, default=1,
+                      help="epochs per round for SplitFed and FedAvg (default 1)")
+    plan.add_argument("--configurations", default=",".join(PLAN_CONFIGURATIONS),
+                      help=f"comma-separated subset of {','.join(PLAN_CONFIGURATIONS)}")
+    plan.add_argument("--label-bytes", type=int, default=8,
+                      help="bytes per label sent to the server (default 8: an int64)")
+    plan.add_argument("--backward-factor", type=float, default=2.0,
+                      help="backward FLOPs as a multiple of forward (default 2)")
+    plan.set_defaults(run=_plan)
+
+
 def _audit(args) -> int:
     import keras
     import numpy as np
@@ -421,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(run=_demo)
     _audit_command(commands)
+    _plan_command(commands)
     _network_commands(commands)
     for command in commands.choices.values():
         command.add_argument("--verbose", action="store_true",
