@@ -5,6 +5,15 @@ its forward/train graphs and initial state) and the inference-only variants
 (`client.infer.{float32,float16,int8}.tflite`). `manifest.json` lists every file
 with its size, SHA-256 and signatures (input and output names, shapes, dtypes),
 the device optimizer, and the export-time checks' errors.
+
+The export is reproducible: the same client half and optimizer give the same
+bytes in every file, so the same manifest, run after run and process after
+process (the ONNX graphs are written in a canonical form, see
+`onnx_export.canonical`; LiteRT's converter and `np.savez` are deterministic
+already). Changed weights change the LiteRT files and `client.state.npz` (the
+ONNX graphs take the weights as inputs), and so the manifest. Another version
+of TensorFlow, tf2onnx or the CPU's kernels may give other bytes or other
+check errors.
 """
 
 from __future__ import annotations

@@ -12,11 +12,15 @@ takes the device's state as inputs and returns the new state as outputs:
   model's weights (`weight_order`: index into p/b), read without pickle.
 
 The gradients are the forward-op rules of `ops`, so no TensorFlow gradient
-kernel (which ONNX lacks) appears in the graph.
+kernel (which ONNX lacks) appears in the graph. Each graph is written in a
+canonical form (`canonical`), so exporting the same client twice gives the
+same bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import heapq
 import os
 
 import numpy as np
@@ -113,15 +117,151 @@ def require_converter():
     return onnx, require("tf2onnx", "ONNX export", "keras-split[export]")
 
 
-def _convert(function, signature, path):
+def _convert(function, signature, path, name):
     onnx, tf2onnx = require_converter()
     try:
         model, _ = tf2onnx.convert.from_function(function, input_signature=signature,
-                                                 opset=OPSET, output_path=str(path))
+                                                 opset=OPSET)
     except Exception as error:  # tf2onnx raises several unrelated types
         raise ExportError(f"tf2onnx could not convert the client half: {error}") from None
+    model = canonical(model, name)
     onnx.checker.check_model(model)
+    with open(path, "wb") as file:
+        file.write(model.SerializeToString(deterministic=True))
     return model
+
+
+def _digest(*parts) -> str:
+    hasher = hashlib.sha256()
+    for part in parts:
+        data = part if isinstance(part, bytes) else str(part).encode()
+        hasher.update(len(data).to_bytes(8, "little") + data)
+    return hasher.hexdigest()
+
+
+def _unname_tensors(node):
+    """Clear the names of the tensors in `node`'s attributes (tf2onnx's, numbered)."""
+    for attribute in node.attribute:
+        if attribute.HasField("t"):
+            attribute.t.name = ""
+        for tensor in attribute.tensors:
+            tensor.name = ""
+
+
+def canonical(model, name: str):
+    """`model` with its graph in a canonical form: the same bytes for the same
+    function and weights, whatever the process or what it converted before.
+
+    tf2onnx's graphs compute the same thing run to run, but the bytes vary: its
+    generated names carry a process-wide counter (`const_starts__569`), the
+    graph's doc string names TensorFlow's numbered function
+    (`__inference_infer_8228`), and which of two equal constants survives
+    deduplication, and the order of independent nodes, follow Python's string
+    hashing, which is seeded per process. So every node and value is given a
+    digest of what it computes (its operator, its attributes and its inputs'
+    digests; an initializer's digest is that of its dtype, shape and values; a
+    graph input's, that of its name), the nodes are ordered topologically,
+    ties broken by digest, and the values are renamed in that order (`c0...`
+    for initializers, `v0...` for node outputs, `n0_<op>...` for nodes), as are
+    the symbolic dimensions (tf2onnx's `unk__131`, also counted process-wide,
+    become `d0...`). The graph's inputs and outputs keep their names, and
+    nothing that changes what the graph computes is touched.
+    """
+    onnx = require_converter()[0]
+    from onnx import numpy_helper
+
+    graph = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+           for node in graph.node for a in node.attribute):
+        raise ExportError("The ONNX graph has subgraphs (If/Loop), which the export's "
+                          "canonical form does not handle.")
+    interface = dict.fromkeys([v.name for v in graph.input] + [v.name for v in graph.output])
+    digest = {v.name: _digest("input", v.name) for v in graph.input}
+    for tensor in graph.initializer:
+        if tensor.name not in interface:
+            array = numpy_helper.to_array(tensor)
+            digest[tensor.name] = _digest("initializer", array.dtype.str, array.shape,
+                                          array.tobytes())
+    keys = []
+    for node in graph.node:  # ONNX nodes are stored in a topological order
+        body = onnx.NodeProto()
+        body.CopyFrom(node)
+        del body.input[:], body.output[:]
+        body.name, body.doc_string = "", ""
+        _unname_tensors(body)
+        key = _digest("node", body.SerializeToString(deterministic=True),
+                      *[digest[i] if i else "" for i in node.input])
+        for k, output in enumerate(node.output):
+            if output:
+                digest[output] = _digest(key, k)
+        keys.append(key)
+
+    # Topological order, the ready node with the smallest digest first.
+    producer = {o: i for i, node in enumerate(graph.node) for o in node.output if o}
+    waiting = [len({producer[i] for i in node.input if i in producer}) for node in graph.node]
+    consumers: dict[int, set[int]] = {}
+    for i, node in enumerate(graph.node):
+        for source in {producer[v] for v in node.input if v in producer}:
+            consumers.setdefault(source, set()).add(i)
+    ready = [(keys[i], i) for i, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        _, i = heapq.heappop(ready)
+        order.append(i)
+        for j in sorted(consumers.get(i, ())):
+            waiting[j] -= 1
+            if waiting[j] == 0:
+                heapq.heappush(ready, (keys[j], j))
+
+    nodes = [graph.node[i] for i in order]
+    renamed = {n: n for n in interface}  # inputs, then outputs
+    initializers = {t.name: t for t in graph.initializer}
+    for node in nodes:
+        for value in node.input:
+            if value in initializers and value not in renamed:
+                renamed[value] = f"c{len(renamed) - len(interface)}"
+    for value in sorted(set(initializers) - set(renamed), key=digest.__getitem__):
+        renamed[value] = f"c{len(renamed) - len(interface)}"  # unused ones, last
+    count = 0
+    for node in nodes:
+        for value in node.output:
+            if value and value not in renamed:
+                renamed[value] = f"v{count}"
+                count += 1
+    new = onnx.GraphProto()
+    new.CopyFrom(graph)
+    del new.node[:], new.initializer[:], new.value_info[:]
+    for index, node in enumerate(nodes):
+        copy = new.node.add()
+        copy.CopyFrom(node)
+        copy.name, copy.doc_string = f"n{index}_{node.op_type}", ""
+        copy.input[:] = [renamed[v] if v else "" for v in node.input]
+        copy.output[:] = [renamed[v] if v else "" for v in node.output]
+        _unname_tensors(copy)
+    position = {n: i for i, n in enumerate(renamed)}
+    for tensor in sorted(graph.initializer, key=lambda t: position[t.name]):
+        copy = new.initializer.add()
+        copy.CopyFrom(tensor)
+        copy.name = renamed[tensor.name]
+    for info in sorted((v for v in graph.value_info if v.name in renamed),
+                       key=lambda v: position[v.name]):
+        copy = new.value_info.add()
+        copy.CopyFrom(info)
+        copy.name = renamed[info.name]
+    # Symbolic dimensions (tf2onnx's `unk__131`, numbered process-wide) as
+    # `d0...`, in order of appearance: equal names stay equal, distinct ones distinct.
+    dimensions: dict[str, str] = {}
+    for info in [*new.input, *new.output, *new.value_info]:
+        for dimension in info.type.tensor_type.shape.dim:
+            if dimension.HasField("dim_param"):
+                dimension.dim_param = dimensions.setdefault(dimension.dim_param,
+                                                            f"d{len(dimensions)}")
+    new.name, new.doc_string = name, f"keras-split client half: {name}"
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    result.graph.CopyFrom(new)
+    return result
 
 
 def initial_state(program, update) -> dict[str, np.ndarray]:
@@ -185,7 +325,7 @@ def export(program, update, path, check, extra_gradients=None, start=None):
     targets = paths(path)
     graphs = functions(program, update, extra_gradients)
     for name, (function, signature) in graphs.items():
-        _convert(function, signature, targets[name])
+        _convert(function, signature, targets[name], name)
     state = initial_state(program, update)
     np.savez(targets[device_names.ONNX_STATE], **state)
     error = check(device_step(program, targets, state, start))
