@@ -31,6 +31,7 @@ _EXPORTS = {
     "RoundRobin": "keras_split.configurations.federation",
     "SplitFed": "keras_split.configurations.federation",
     "fedavg": "keras_split.configurations.federation",
+    "ParallelRole": "keras_split.configurations.parallel",
     "FanOut": "keras_split.configurations.multitask",
     "MultiTaskSplit": "keras_split.configurations.multitask",
     "split_multitask": "keras_split.configurations.multitask",
@@ -69,6 +70,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported e
     from keras_split.configurations.chain import RelayRole, SplitChain, split_chain
     from keras_split.configurations.federation import RoundRobin, SplitFed, fedavg
     from keras_split.configurations.multitask import FanOut, MultiTaskSplit, split_multitask
+    from keras_split.configurations.parallel import ParallelRole
     from keras_split.configurations.vertical import VerticalSplit, split_vertical
     from keras_split.messages import Activations, Reply
     from keras_split.network.client import SplitClient
@@ -102,6 +104,7 @@ __all__ = [
     "ByteCounter",
     "FanOut",
     "MultiTaskSplit",
+    "ParallelRole",
     "RelayRole",
     "RoundRobin",
     "SplitChain",

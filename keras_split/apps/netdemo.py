@@ -1,6 +1,6 @@
 """The demo over the network: save the halves, serve one, train the other.
 
-Two terminals on one machine (see the README):
+Two terminals on one machine (see docs/network.md):
 
     keras-split certs --out certs
     keras-split halves --out halves
