@@ -9,7 +9,12 @@ machine hits all alike). Reported: the best and the median rate over rounds,
 and ratios of the best rates to unsplit's (the best is the least disturbed
 measurement); bytes per sample on the wire against the analytic encoded size;
 test accuracy after the same number of epochs. "float16+ckpt" is float16 with
-both parties checkpointing every step.
+both parties checkpointing every step. The gRPC runs send their steps on one
+`Steps` stream per session (the client's default); "unary" runs send one `Step`
+call per step instead (`GrpcTransport(stream=False)`), for comparison. "paired"
+is the median over rounds of each round's rate over unsplit's in the same
+round: less sensitive to a load that changes between rounds than the ratio of
+best rates.
 
     python benchmarks/grpc_throughput.py [--rounds 5] [--epochs 2] [--batch-size 64]
 """
@@ -58,7 +63,7 @@ def in_process(weights):
     return local, None
 
 
-def over_grpc(weights, codec, certs, folder=None):
+def over_grpc(weights, codec, certs, folder=None, stream=True):
     split = keras_split.split(build_demo_cnn(), "pool2")
     split.merge().set_weights(weights)
     server = keras_split.SplitServer(
@@ -67,7 +72,8 @@ def over_grpc(weights, codec, certs, folder=None):
         checkpoint_dir=folder and os.path.join(folder, "server")).start()
     client = keras_split.SplitClient(
         split.client, server=f"127.0.0.1:{server.port}", token="t",
-        root_certificates=certs["ca"], checkpoint_dir=folder and os.path.join(folder, "client"))
+        root_certificates=certs["ca"], checkpoint_dir=folder and os.path.join(folder, "client"),
+        stream=stream)
     client.compile(optimizer=keras.optimizers.Adam(1e-3),
                    compression=None if codec == "none" else codec)
     return client, server
@@ -88,6 +94,8 @@ def main():
     for codec in CODECS:
         configs[f"grpc {codec}"] = over_grpc(weights, codec, certs)
     configs["grpc float16+ckpt"] = over_grpc(weights, "float16", certs, folder)
+    for codec in ("none", "float16"):
+        configs[f"grpc {codec} unary"] = over_grpc(weights, codec, certs, stream=False)
     # The shipped training set is ordered by class: shuffle, or nothing is learnt.
     for owner, _ in configs.values():
         owner.fit(x, y, batch_size=args.batch_size, epochs=1, verbose=0)
@@ -98,7 +106,7 @@ def main():
             start = time.perf_counter()
             history = owner.fit(x, y, batch_size=args.batch_size, epochs=args.epochs, verbose=0)
             rates[name].append(len(x) * args.epochs / (time.perf_counter() - start))
-            if name.startswith("grpc ") and "ckpt" not in name:
+            if name.startswith("grpc ") and "ckpt" not in name and "unary" not in name:
                 wire[name[5:]] = (history.history["bytes_up"][0] / len(x),
                                   history.history["bytes_down"][0] / len(x))
         print(f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rates.items()),
@@ -114,10 +122,14 @@ def main():
     epochs = 1 + args.rounds * args.epochs
     print(f"\nbatch {args.batch_size}; {args.rounds} rounds of {args.epochs} timed epochs; "
           f"test accuracy after {epochs} epochs")
-    print(f"{'configuration':20} {'best/s':>8} {'median/s':>9} {'ratio':>6} {'test acc':>9}")
+    print(f"{'configuration':20} {'best/s':>8} {'median/s':>9} {'ratio':>6} {'paired':>7} "
+          f"{'test acc':>9}")
     for name in configs:
         best, median = max(rates[name]), statistics.median(rates[name])
-        print(f"{name:20} {best:8.0f} {median:9.0f} {best / base:6.3f} {accuracies[name]:9.4f}")
+        paired = statistics.median(r / u for r, u in zip(rates[name], rates["unsplit"],
+                                                          strict=True))
+        print(f"{name:20} {best:8.0f} {median:9.0f} {best / base:6.3f} {paired:7.3f} "
+              f"{accuracies[name]:9.4f}")
     values = math.prod(configs["in-process"][0].cut_specs[0].shape[1:])
     print(f"\nbytes/sample on the wire (cut: {values} float32 values; label 8 bytes up)")
     print(f"{'codec':10} {'up':>9} {'analytic':>9} {'down':>9} {'analytic':>9}")

@@ -33,26 +33,31 @@ __all__ = ["PROTOCOL_VERSION", "CutSpec", "WireError", "check_against_spec", "de
 # -- messages ------------------------------------------------------------------
 
 
-def _structure_to_pb(structure) -> tuple[list[pb.Tensor], bool]:
+def _structure_to_pb(structure, field) -> bool:
+    """Encode a label or output structure into the repeated `field`; True for a dict."""
     if structure is None:
-        return [], False
+        return False
     if isinstance(structure, dict):
-        return [encode(v, name=str(k)) for k, v in structure.items()], True
-    if isinstance(structure, (list, tuple)):
-        return [encode(v) for v in structure], False
-    return [encode(structure)], False
+        for k, v in structure.items():
+            encode(v, name=str(k), into=field.add())
+        return True
+    for value in structure if isinstance(structure, (list, tuple)) else [structure]:
+        encode(value, into=field.add())
+    return False
 
 
 def request_to_pb(session_id: str, message: Activations,
                   codec: codecs.Codec = codecs.NONE) -> pb.StepRequest:
-    labels, labels_are_dict = _structure_to_pb(message.labels)
-    weights = [] if message.sample_weight is None else [encode(message.sample_weight)]
-    return pb.StepRequest(
-        session_id=session_id, step=message.step, mode=message.mode,
-        activations=[encode(a, codec=codec) for a in message.tensors], labels=labels,
-        labels_are_dict=labels_are_dict, sample_weight=weights,
-        reset_metrics=message.reset_metrics, trace=message.trace,
-    )
+    # Every tensor is encoded straight into its place in the message: one copy
+    # of its bytes (numpy's), none more.
+    request = pb.StepRequest(session_id=session_id, step=message.step, mode=message.mode,
+                             reset_metrics=message.reset_metrics, trace=message.trace)
+    for array in message.tensors:
+        encode(array, codec=codec, into=request.activations.add())
+    request.labels_are_dict = _structure_to_pb(message.labels, request.labels)
+    if message.sample_weight is not None:
+        encode(message.sample_weight, into=request.sample_weight.add())
+    return request
 
 
 def request_from_pb(request: pb.StepRequest, specs, max_batch_size: int,
@@ -114,11 +119,11 @@ def request_from_pb(request: pb.StepRequest, specs, max_batch_size: int,
 
 
 def reply_to_pb(reply: Reply, codec: codecs.Codec = codecs.NONE) -> pb.StepReply:
-    outputs, outputs_are_dict = _structure_to_pb(reply.outputs)
-    gradients = [encode(g, codec=codec) for g in reply.gradients]
-    return pb.StepReply(step=reply.step, gradients=gradients, logs=reply.logs,
-                        log_order=list(reply.logs), outputs=outputs,
-                        outputs_are_dict=outputs_are_dict)
+    message = pb.StepReply(step=reply.step, logs=reply.logs, log_order=list(reply.logs))
+    for gradient in reply.gradients:
+        encode(gradient, codec=codec, into=message.gradients.add())
+    message.outputs_are_dict = _structure_to_pb(reply.outputs, message.outputs)
+    return message
 
 
 def reply_from_pb(reply: pb.StepReply, max_elements: int,
@@ -129,7 +134,8 @@ def reply_from_pb(reply: pb.StepReply, max_elements: int,
                       for i, t in enumerate(reply.gradients))
     outputs: Any = None
     if reply.outputs:
-        arrays = [decode(t, f"outputs[{i}]", max_elements, finite=False)
+        # Predictions go to the user: writable arrays, not views of the message.
+        arrays = [np.array(decode(t, f"outputs[{i}]", max_elements, finite=False))
                   for i, t in enumerate(reply.outputs)]
         if reply.outputs_are_dict:
             outputs = {t.name: a for t, a in zip(reply.outputs, arrays, strict=True)}

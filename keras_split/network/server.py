@@ -9,6 +9,11 @@ Protocol, per client:
    the cut tensors (and labels). The server identifies the caller before it
    reads the request body, checks the session is the caller's, decodes and
    validates every tensor against the cut spec, and only then runs its role.
+   The same steps may travel on one `Steps` stream per client instead of a
+   `Step` call each (what `GrpcTransport` uses): the caller is identified once
+   per stream, from its metadata, and every message is checked, applied and
+   answered exactly as a `Step` call's; a refusal ends the stream with the
+   same status.
 3. Step numbers make retries safe: a step equal to the last applied one gets
    the cached reply (the optimizer moves exactly once); an older or skipped one
    is refused with FAILED_PRECONDITION.
@@ -148,6 +153,9 @@ class SplitServer:
             (None: never).
         first_message_timeout: seconds a call has, once admitted, to deliver
             its request message.
+        stream_idle_timeout: seconds a step stream (`Steps`) may wait for its
+            client's next step; then the server ends it (a client that comes
+            back opens a new one, transparently).
         max_activation, max_sample_weight: the magnitude policy of the
             `ServerRole` built from `loss` (see `keras_split.roles.ServerRole`):
             larger activations or sample weights are refused before any op.
@@ -184,6 +192,7 @@ class SplitServer:
                  max_sessions_per_client: int = 8,
                  session_idle_timeout: float | None = 3600.0,
                  first_message_timeout: float = 10.0,
+                 stream_idle_timeout: float = 60.0,
                  max_activation: float = MAX_ACTIVATION,
                  max_sample_weight: float = MAX_SAMPLE_WEIGHT,
                  allowed_compression=codecs.NAMES, checkpoint_dir=None,
@@ -205,9 +214,10 @@ class SplitServer:
                             ("max_batch_size", max_batch_size)]:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, received {value!r}.")
-        if first_message_timeout <= 0:
-            raise ValueError(f"`first_message_timeout` must be positive, received "
-                             f"{first_message_timeout!r}.")
+        for name, limit in [("first_message_timeout", first_message_timeout),
+                            ("stream_idle_timeout", stream_idle_timeout)]:
+            if not limit > 0:
+                raise ValueError(f"`{name}` must be positive, received {limit!r}.")
         self.cut_specs: list[CutSpec] = [spec_of(t.name, t) for t in model.inputs]
         if role is None:
             if loss is None:
@@ -240,6 +250,10 @@ class SplitServer:
         self._sessions = self.sessions  # the name tests and tools have used
         self._credentials = Credentials(dict(tokens or {}), mutual_tls=client_ca is not None)
         self._in_flight: Counter[str] = Counter()
+        # Step streams waiting for their client's next step: they hold a call
+        # slot of their client (max_calls_per_client) but no work in flight.
+        self._idle_streams: Counter[str] = Counter()
+        self.stream_idle_timeout = stream_idle_timeout
         # For `wait_for_rounds`: when the last call ended, and who has been
         # told that the rounds are over.
         self._last_call = time.monotonic()
@@ -291,11 +305,15 @@ class SplitServer:
                      ("grpc.http2.max_pings_without_data", 0),
                      ("grpc.max_connection_idle_ms", 15 * 60_000)],
             maximum_concurrent_rpcs=max_concurrent_rpcs)
+        def serialize(message):
+            return message.SerializeToString()
+
         methods = {name: grpc.stream_unary_rpc_method_handler(
-            handler, request_deserializer=None,
-            response_serializer=lambda message: message.SerializeToString())
+            handler, request_deserializer=None, response_serializer=serialize)
             for name, handler in [("Open", self._open), ("Step", self._step),
                                   ("Turn", self._turn), ("Report", self._report)]}
+        methods["Steps"] = grpc.stream_stream_rpc_method_handler(
+            self._steps, request_deserializer=None, response_serializer=serialize)
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE, methods),))
         if insecure:
@@ -336,6 +354,8 @@ class SplitServer:
     def _shutdown_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+        if not self._thread.is_alive() and not self._loop.is_running():
+            self._loop.close()
 
     def wait(self) -> None:
         """Block until the server stops."""
@@ -410,11 +430,12 @@ class SplitServer:
             code = grpc.StatusCode.PERMISSION_DENIED if denied else \
                 grpc.StatusCode.UNAUTHENTICATED
             await context.abort(code, why)
-        if self._in_flight[client_id] >= self.max_calls_per_client:
+        held = self._in_flight[client_id] + self._idle_streams[client_id]
+        if held >= self.max_calls_per_client:
             logger.info("event=call.refused method=%s client=%s reason=calls_in_flight", method,
                         client_id)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"client {client_id!r} already has {self._in_flight[client_id]} "
+                                f"client {client_id!r} already has {held} "
                                 f"calls in flight (max_calls_per_client="
                                 f"{self.max_calls_per_client}); wait for them to finish")
         self._in_flight[client_id] += 1
@@ -448,6 +469,13 @@ class SplitServer:
     async def _serve(self, method: str, requests, context, parse, handler):
         client_id, request = await self._admit(method, requests, context, parse)
         try:
+            return await self._answer(method, client_id, request, context, handler)
+        finally:
+            self._release(client_id)
+
+    async def _answer(self, method: str, client_id: str, request, context, handler):
+        """`handler`'s reply to one request; a refusal or a failure aborts the call."""
+        try:
             return await handler(client_id, request)
         except Refusal as refusal:
             logger.info("event=call.refused method=%s client=%s code=%s reason=%r", method,
@@ -462,8 +490,6 @@ class SplitServer:
             await context.abort(grpc.StatusCode.INTERNAL,
                                 f"the server failed on this call (incident {incident}); its "
                                 "operator has the details in the server log")
-        finally:
-            self._release(client_id)
 
     async def _in_worker(self, function, *arguments):
         return await asyncio.get_running_loop().run_in_executor(self._workers, function,
@@ -546,6 +572,53 @@ class SplitServer:
     async def _run_step(self, client_id: str, request: pb.StepRequest) -> pb.StepReply:
         session = self._session_of(client_id, request.session_id)
         return await self._in_worker(self._apply_step, client_id, session, request)
+
+    async def _steps(self, requests, context):
+        """`Steps`: the steps of one client on one call, each checked and applied
+        exactly as a `Step` call's. The caller is identified once, from the
+        call's metadata, before its first message is read; every message's
+        session must be the caller's. A refusal ends the stream with its
+        status (the client opens a new one for its next step); a client that
+        sends nothing for `stream_idle_timeout` seconds has its stream ended."""
+        client_id, request = await self._admit("Steps", requests, context,
+                                               pb.StepRequest.FromString)
+        messages = aiter(requests)
+        idle = False
+        try:
+            while True:
+                reply = await self._answer("Steps", client_id, request, context,
+                                           self._run_step)
+                self._last_call = time.monotonic()
+                self._move(client_id, self._in_flight, self._idle_streams)
+                idle = True
+                await context.write(reply)
+                try:
+                    async with asyncio.timeout(self.stream_idle_timeout):
+                        raw = await anext(messages)
+                except StopAsyncIteration:
+                    return  # the client closed the stream
+                except TimeoutError:
+                    logger.info("event=stream.idle client=%s seconds=%g", client_id,
+                                self.stream_idle_timeout)
+                    return
+                self._move(client_id, self._idle_streams, self._in_flight)
+                idle = False
+                try:
+                    request = pb.StepRequest.FromString(raw)
+                except DecodeError:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        "the Steps request is not a valid protobuf message")
+        finally:
+            if idle:
+                self._move(client_id, self._idle_streams, self._in_flight)
+            self._release(client_id)
+
+    @staticmethod
+    def _move(client_id: str, source: Counter[str], target: Counter[str]) -> None:
+        source[client_id] -= 1
+        if not source[client_id]:
+            del source[client_id]
+        target[client_id] += 1
 
     def _apply_step(self, client_id: str, session: Session, request) -> pb.StepReply:
         with session.lock:

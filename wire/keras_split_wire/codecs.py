@@ -65,7 +65,9 @@ class Codec:
         count = math.prod(shape)
         dtype = dtype.newbyteorder("<")
         _expect_bytes(tensor.data, count * dtype.itemsize, f"shape {shape} of {dtype.name}")
-        return np.frombuffer(tensor.data, dtype=dtype).reshape(shape).astype(dtype.name)
+        # A read-only view of the message's bytes: no copy (on a little-endian host).
+        return np.frombuffer(tensor.data, dtype=dtype).reshape(shape).astype(dtype.name,
+                                                                              copy=False)
 
     def __repr__(self):
         return f"{type(self).__name__}()"

@@ -9,13 +9,20 @@
 - `call`: one unary call with a deadline, retried on UNAVAILABLE only (with
   jittered exponential backoff) for up to `Retry.retry_for` seconds, and every
   failure turned into an error that says what happened and how to fix it.
+- `Stream`: the same policy for request-reply exchanges over one long-lived
+  bidirectional call (the `Steps` method): a deadline per reply, a fresh
+  stream for each retry and after a dropped one, the same errors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import queue
 import random
+import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,9 +104,17 @@ def credentials(root_certificates=None, certificate=None,
 
 def is_tls_failure(details: str) -> bool:
     """gRPC reports a failed handshake as UNAVAILABLE, like a server that is down;
-    retrying a certificate problem only delays the error."""
+    retrying a certificate problem only delays the error. A connection that the
+    network dropped during the handshake (a server restarting) is no TLS
+    problem: that one is retried."""
     text = details.lower()
+    if any(word in text for word in _DROPPED):
+        return False
     return any(word in text for word in ("ssl", "tls", "handshake", "certificate"))
+
+
+# How gRPC words a connection lost under the handshake, not refused by it.
+_DROPPED = ("connection reset", "broken pipe", "connection refused")
 
 
 _FAIL_FAST: dict[grpc.StatusCode, tuple[type[ServerError], str]] = {
@@ -135,6 +150,28 @@ class Retry:
     max_backoff: float = 2.0
 
 
+def failure(error: grpc.RpcError, address: str, tls_hint: str, attempt: int,
+            policy: Retry, give_up: float) -> ServerError | None:
+    """The error to raise for a failed call, or None when it may be retried
+    (UNAVAILABLE that is not a TLS failure, within the retry budget)."""
+    code = error.code()
+    details = error.details() or ""
+    if code in _FAIL_FAST:
+        kind, text = _FAIL_FAST[code]
+        return kind(text.format(details=details))
+    if code == grpc.StatusCode.UNAVAILABLE and is_tls_failure(details):
+        return LinkDownError(
+            f"TLS handshake with {address} failed ({details}). Check that "
+            f"{tls_hint} is the CA that signed the server's certificate, and the "
+            "client certificate if the server requires one.")
+    if code != grpc.StatusCode.UNAVAILABLE or time.monotonic() >= give_up:
+        return LinkDownError(
+            f"Call to the split server at {address} failed: {code.name} "
+            f"({details}) after {attempt + 1} attempt(s) in "
+            f"{policy.retry_for:g} s of retrying.")
+    return None
+
+
 def call(method: Callable[..., T], request: Any, metadata: Sequence[tuple[str, str]],
          policy: Retry, address: str, tls_hint: str = "root_certificates",
          sleep: Callable[[float], None] = time.sleep) -> T:
@@ -149,23 +186,169 @@ def call(method: Callable[..., T], request: Any, metadata: Sequence[tuple[str, s
         try:
             return method(request, metadata=metadata, timeout=policy.timeout)
         except grpc.RpcError as error:
-            code = error.code()
-            details = error.details() or ""
-            if code in _FAIL_FAST:
-                kind, text = _FAIL_FAST[code]
-                raise kind(text.format(details=details)) from None
-            if code == grpc.StatusCode.UNAVAILABLE and is_tls_failure(details):
-                raise LinkDownError(
-                    f"TLS handshake with {address} failed ({details}). Check that "
-                    f"{tls_hint} is the CA that signed the server's certificate, and the "
-                    "client certificate if the server requires one."
-                ) from None
-            if code != grpc.StatusCode.UNAVAILABLE or time.monotonic() >= give_up:
-                raise LinkDownError(
-                    f"Call to the split server at {address} failed: {code.name} "
-                    f"({details}) after {attempt + 1} attempt(s) in "
-                    f"{policy.retry_for:g} s of retrying."
-                ) from None
+            problem = failure(error, address, tls_hint, attempt, policy, give_up)
+            if problem is not None:
+                raise problem from None
             sleep(random.uniform(0, delay))  # noqa: S311 - jitter, not cryptographic
             delay = min(delay * 2, policy.max_backoff)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+class StreamUnsupported(ServerError):
+    """The server does not implement the streaming method (an older server):
+    nothing was sent; use the unary method instead."""
+
+
+class _Ended(Exception):
+    """The stream ended without an error status before answering (the server
+    closed an idle stream, or it was dropped)."""
+
+
+_END = object()
+# How a stream that died while idle fails its next exchange (the server
+# restarted or stopped, the connection dropped, the server closed it).
+_STALE = frozenset([grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED])
+
+
+class Stream:
+    """Request-reply exchanges over one long-lived bidirectional call.
+
+    `exchange(request)` sends one message and waits for its one reply, under
+    the same policy as `call`: a deadline of `policy.timeout` seconds per
+    reply, UNAVAILABLE retried with jittered exponential backoff for up to
+    `policy.retry_for` seconds, every other failure raised as the same
+    `ServerError` subclass as a unary call's. Each retry goes out on a fresh
+    stream, so the request must be idempotent (a split step is: a resent step
+    number gets the server's cached reply).
+
+    A stream that was already open may have died while idle (the server
+    restarted, or closed it after a pause): the first failure on such a
+    stream is retried at once on a fresh one, without counting against the
+    budget. A fresh stream that the server answers with UNIMPLEMENTED (an
+    older server) raises `StreamUnsupported`; nothing was applied.
+
+    Not thread-safe: one exchange at a time, as a training loop makes them.
+    """
+
+    def __init__(self, method: Callable[..., Any], metadata: Sequence[tuple[str, str]],
+                 policy: Retry, address: str, tls_hint: str = "root_certificates",
+                 sleep: Callable[[float], None] = time.sleep):
+        self._method, self._metadata = method, metadata
+        self.policy, self.address, self.tls_hint, self._sleep = policy, address, tls_hint, sleep
+        self._call: Any = None
+        self._requests: queue.SimpleQueue | None = None
+        self._pending: float | None = None  # when the awaited reply is overdue
+        self._expired = False
+        self._closed = False
+        self._watchdog: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.opened = 0  # streams opened so far (the first, then one per reconnection)
+
+    def exchange(self, request: Any) -> Any:
+        delay = self.policy.backoff
+        give_up = time.monotonic() + self.policy.retry_for
+        attempt = 0
+        while True:
+            fresh = self._call is None
+            if fresh:
+                self._open()
+            try:
+                return self._round_trip(request)
+            except (grpc.RpcError, _Ended) as error:
+                expired = self._expired
+                self._drop()
+                if expired:
+                    raise LinkDownError(
+                        f"Call to the split server at {self.address} failed: "
+                        f"DEADLINE_EXCEEDED (no reply within {self.policy.timeout:g} s)."
+                    ) from None
+                if isinstance(error, _Ended):
+                    error = _EndedError()
+                if not fresh and error.code() in _STALE:
+                    continue  # a stream that died while idle: try once on a new one
+                if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    raise StreamUnsupported(error.details() or "UNIMPLEMENTED") from None
+                problem = failure(error, self.address, self.tls_hint, attempt, self.policy,
+                                  give_up)
+                if problem is not None:
+                    raise problem from None
+                self._sleep(random.uniform(0, delay))  # noqa: S311 - jitter
+                delay = min(delay * 2, self.policy.max_backoff)
+                attempt += 1
+
+    def _open(self) -> None:
+        requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._requests = requests
+        self._expired = False
+        self._call = self._method(iter(requests.get, _END), metadata=self._metadata)
+        self.opened += 1
+        if self._watchdog is None:
+            # It holds the stream weakly: a stream nobody closed still goes away.
+            self._watchdog = threading.Thread(target=_watch, args=(weakref.ref(self),),
+                                              daemon=True, name="keras-split-stream-deadline")
+            self._watchdog.start()
+
+    def _round_trip(self, request: Any) -> Any:
+        assert self._requests is not None  # noqa: S101 - set by _open
+        self._pending = time.monotonic() + self.policy.timeout
+        try:
+            self._requests.put(request)
+            try:
+                reply = next(self._call)
+            except StopIteration:
+                raise _Ended from None
+        finally:
+            with self._lock:
+                self._pending = None
+                expired = self._expired
+        if expired:  # the reply came as the watchdog cancelled: keep it, drop the stream
+            self._drop()
+        return reply
+
+    def _drop(self) -> None:
+        """Forget the current stream: end its request iterator and cancel it."""
+        with self._lock:
+            call, requests = self._call, self._requests
+            self._call = self._requests = None
+        if requests is not None:
+            requests.put(_END)
+        if call is not None:
+            call.cancel()
+
+    def close(self) -> None:
+        self._closed = True
+        self._drop()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+def _watch(ref: Callable[[], Stream | None]) -> None:
+    """A stream's deadline watchdog: cancel its call when a reply is overdue (a
+    stream has no per-message deadline of its own). Wakes a few times per
+    timeout, not per step; ends with the stream."""
+    while (stream := ref()) is not None and not stream._closed:
+        period = max(min(stream.policy.timeout / 4, 1.0), 0.01)
+        del stream
+        time.sleep(period)
+        stream = ref()
+        if stream is None:
+            return
+        with stream._lock:
+            pending, call = stream._pending, stream._call
+            if pending is not None and call is not None and time.monotonic() > pending:
+                stream._expired = True
+                call.cancel()
+        del stream
+
+
+class _EndedError(grpc.RpcError):
+    """A stream that ended without a status while a reply was awaited: the link
+    dropped it; retried like UNAVAILABLE."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "the stream ended before the reply"

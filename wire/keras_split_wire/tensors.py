@@ -63,14 +63,22 @@ class WireError(ValueError):
         self.field = field
 
 
-def encode(array, name: str = "", codec: codecs.Codec = codecs.NONE) -> pb.Tensor:
-    """One array as a `Tensor` message; refuses dtypes the protocol does not carry."""
+def encode(array, name: str = "", codec: codecs.Codec = codecs.NONE,
+           into: pb.Tensor | None = None) -> pb.Tensor:
+    """One array as a `Tensor` message; refuses dtypes the protocol does not carry.
+
+    `into`, an empty `Tensor` inside a message (`request.activations.add()`),
+    is filled in place: adding a finished `Tensor` to a message copies its
+    bytes again (and costs more than the encoding, for a batch of activations).
+    """
     array = np.asarray(array)
     dtype = array.dtype.name
     if dtype not in DTYPES:
         raise TypeError(f"Cannot send a {dtype} tensor; supported dtypes: {sorted(DTYPES)}. "
                         "Cast it first (e.g. `x.astype('float32')`).")
-    tensor = pb.Tensor(name=name, dtype=dtype, shape=list(array.shape))
+    tensor = pb.Tensor() if into is None else into
+    tensor.name, tensor.dtype = name, dtype
+    tensor.shape.extend(array.shape)
     codec.encode(array, tensor)
     return tensor
 

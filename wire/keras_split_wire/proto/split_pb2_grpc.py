@@ -44,6 +44,11 @@ class SplitLearningStub(object):
                 request_serializer=keras__split__wire_dot_proto_dot_split__pb2.StepRequest.SerializeToString,
                 response_deserializer=keras__split__wire_dot_proto_dot_split__pb2.StepReply.FromString,
                 _registered_method=True)
+        self.Steps = channel.stream_stream(
+                '/keras_split.v1.SplitLearning/Steps',
+                request_serializer=keras__split__wire_dot_proto_dot_split__pb2.StepRequest.SerializeToString,
+                response_deserializer=keras__split__wire_dot_proto_dot_split__pb2.StepReply.FromString,
+                _registered_method=True)
         self.Turn = channel.unary_unary(
                 '/keras_split.v1.SplitLearning/Turn',
                 request_serializer=keras__split__wire_dot_proto_dot_split__pb2.TurnRequest.SerializeToString,
@@ -71,6 +76,16 @@ class SplitLearningServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Steps(self, request_iterator, context):
+        """The same steps on one long-lived call per session: each request is answered
+        by one reply, in order, with the same checks, retries and refusals as
+        `Step` (a refusal ends the stream with its status; the client opens a new
+        one). Saves the per-call cost of a unary call at every step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Turn(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -93,6 +108,11 @@ def add_SplitLearningServicer_to_server(servicer, server):
             ),
             'Step': grpc.unary_unary_rpc_method_handler(
                     servicer.Step,
+                    request_deserializer=keras__split__wire_dot_proto_dot_split__pb2.StepRequest.FromString,
+                    response_serializer=keras__split__wire_dot_proto_dot_split__pb2.StepReply.SerializeToString,
+            ),
+            'Steps': grpc.stream_stream_rpc_method_handler(
+                    servicer.Steps,
                     request_deserializer=keras__split__wire_dot_proto_dot_split__pb2.StepRequest.FromString,
                     response_serializer=keras__split__wire_dot_proto_dot_split__pb2.StepReply.SerializeToString,
             ),
@@ -159,6 +179,33 @@ class SplitLearning(object):
             request,
             target,
             '/keras_split.v1.SplitLearning/Step',
+            keras__split__wire_dot_proto_dot_split__pb2.StepRequest.SerializeToString,
+            keras__split__wire_dot_proto_dot_split__pb2.StepReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Steps(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/keras_split.v1.SplitLearning/Steps',
             keras__split__wire_dot_proto_dot_split__pb2.StepRequest.SerializeToString,
             keras__split__wire_dot_proto_dot_split__pb2.StepReply.FromString,
             options,
