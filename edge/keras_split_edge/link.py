@@ -10,6 +10,10 @@ on every call, retries only for UNAVAILABLE.
 
 from __future__ import annotations
 
+import random
+import time
+
+import grpc
 import numpy as np
 
 from keras_split_wire import PROTOCOL_VERSION, codecs, device_names, rpc
@@ -46,6 +50,11 @@ class ServerLink:
 
     After `open`, `message_limit` is the largest message either way, derived
     from the cut (`keras_split_wire.rpc.message_limit`).
+
+    Byte counters count serialized messages: `bytes_up`/`bytes_down` the steps
+    (`exchange`), `round_bytes_up`/`round_bytes_down` the rounds' calls (`turn`,
+    `report`: the client half handed out and handed back, and every "ask
+    again"), `open_bytes` the `Open` calls (both ways).
     """
 
     def __init__(self, address, token=None, root_certificates=None, certificate=None,
@@ -66,6 +75,8 @@ class ServerLink:
         self.max_batch_size = 0
         self.message_limit = 0
         self.bytes_up = self.bytes_down = 0
+        self.round_bytes_up = self.round_bytes_down = 0
+        self.open_bytes = 0
 
     def _call(self, method, request):
         return rpc.call(method, request, self.metadata, self.policy, self.address,
@@ -96,6 +107,7 @@ class ServerLink:
         if resume is not None:
             request.resume_session, request.client_step = resume
         reply = self._call(self._stub.Open, request)
+        self.open_bytes += request.ByteSize() + reply.ByteSize()
         self.session_id = reply.session_id
         self.step = reply.last_step if resume is None else resume[1]
         self.max_batch_size = reply.max_batch_size
@@ -146,9 +158,96 @@ class ServerLink:
         logs = {name: reply.logs[name] for name in reply.log_order}
         return gradients, logs
 
+    def turn(self, ready_for: int, max_elements: int, timeout: float | None = None):
+        """One `Turn` call: ask the server's coordinator to train in round
+        `ready_for` or later. The server answers at once when this client goes
+        or the rounds are over, else after its long poll ("ask again").
+
+        `max_elements`: the most elements the handed-out weights may hold (the
+        device's client half's size). `timeout`: a deadline for this call
+        alone; when it passes, the call is cancelled and counts as "ask again"
+        (the server has still taken this client as a member: a short probe
+        joins without waiting for the long poll). A server at its limit of
+        calls (RESOURCE_EXHAUSTED) refused the call before reading it: it is
+        asked again after a jittered backoff, for up to `retry_for` seconds.
+
+        Returns:
+            `(go, round, weights, finished)`; `weights` (numpy arrays, in
+            `get_weights()` order) only when `go`.
+        """
+        if self.session_id is None:
+            raise RuntimeError("The link is not open: call open(cut_specs) first.")
+        request = pb.TurnRequest(session_id=self.session_id, round=ready_for)
+        reply = self._round_call(self._stub.Turn, request, timeout)
+        if reply is None:  # the probe's deadline passed
+            return False, 0, [], False
+        weights = []
+        if reply.go:
+            try:
+                weights = [decode(t, f"weights[{i}]", max_elements)
+                           for i, t in enumerate(reply.weights)]
+            except WireError as error:
+                raise LinkError(str(error)) from None
+        return reply.go, reply.round, weights, reply.finished
+
+    def report(self, round_: int, weights, samples: int) -> int:
+        """Hand the trained client half back for `round_` (`Report`), with the
+        number of samples it trained on (its FedAvg weight). Returns the round
+        the server is in now."""
+        if self.session_id is None:
+            raise RuntimeError("The link is not open: call open(cut_specs) first.")
+        request = pb.ReportRequest(session_id=self.session_id, round=round_, samples=samples,
+                                   weights=[encode(np.asarray(w)) for w in weights])
+        return self._round_call(self._stub.Report, request).round
+
+    def _round_call(self, method, request, timeout=None):
+        """`rpc.call` with the rounds' two additions: a probe's deadline, and
+        RESOURCE_EXHAUSTED (many clients waiting at once) retried."""
+        policy = self.policy if timeout is None else rpc.Retry(
+            timeout=timeout, retry_for=self.policy.retry_for, backoff=self.policy.backoff,
+            max_backoff=self.policy.max_backoff)
+
+        def attempt(message, metadata, timeout):
+            try:
+                return method(message, metadata=metadata, timeout=timeout)
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise _Busy(error.details() or "") from None
+                if probe and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise _Unanswered from None
+                raise
+
+        probe = timeout is not None
+        delay, give_up = self.policy.backoff, time.monotonic() + self.policy.retry_for
+        while True:
+            try:
+                reply = rpc.call(attempt, request, self.metadata, policy, self.address,
+                                 tls_hint=self.tls_hint)
+                break
+            except _Unanswered:
+                self.round_bytes_up += request.ByteSize()
+                return None
+            except _Busy as busy:
+                if time.monotonic() >= give_up:
+                    raise ServerError(f"The server is at a limit: {busy} (for "
+                                      f"{self.policy.retry_for:g} s of retrying).") from None
+                time.sleep(random.uniform(0, delay))  # noqa: S311 - jitter
+                delay = min(delay * 2, self.policy.max_backoff)
+        self.round_bytes_up += request.ByteSize()
+        self.round_bytes_down += reply.ByteSize()
+        return reply
+
     def close(self):
         if self._channel is not None:
             self._channel.close()
+
+
+class _Busy(Exception):
+    """The server refused a call at its limit of calls (RESOURCE_EXHAUSTED)."""
+
+
+class _Unanswered(Exception):
+    """A probe's deadline passed before the server answered."""
 
 
 __all__ = ["LinkError", "ServerLink", "check_against_spec"]
