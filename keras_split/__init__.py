@@ -37,6 +37,7 @@ _EXPORTS = {
     "split_multitask": "keras_split.configurations.multitask",
     "VerticalSplit": "keras_split.configurations.vertical",
     "split_vertical": "keras_split.configurations.vertical",
+    "DistributedServerRole": "keras_split.devices",
     "Activations": "keras_split.messages",
     "Reply": "keras_split.messages",
     "SplitClient": "keras_split.network.client",
@@ -72,6 +73,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported e
     from keras_split.configurations.multitask import FanOut, MultiTaskSplit, split_multitask
     from keras_split.configurations.parallel import ParallelRole
     from keras_split.configurations.vertical import VerticalSplit, split_vertical
+    from keras_split.devices import DistributedServerRole
     from keras_split.messages import Activations, Reply
     from keras_split.network.client import SplitClient
     from keras_split.network.server import SplitServer
@@ -117,6 +119,7 @@ __all__ = [
     "CutCandidate",
     "CutSpec",
     "CutTable",
+    "DistributedServerRole",
     "InProcessTransport",
     "GrpcTransport",
     "Reply",

@@ -156,9 +156,10 @@ def check_single_device(owner, caller: str) -> None:
     """
     name = type(owner).__name__
     supported = (
-        "keras-split runs each party's step on one device (the default strategy); "
-        "spreading a party over several replicas is not supported yet. Build the model, "
-        "and call compile() and fit(), outside any `strategy.scope()`."
+        "keras-split runs each party's step on one device (the default strategy), except "
+        "a server half served by keras_split.devices.DistributedServerRole (its step "
+        "data-parallel over the strategy's replicas). Build the model, and call compile() "
+        "and fit(), outside any `strategy.scope()`."
     )
     if tf.distribute.has_strategy():
         strategy = tf.distribute.get_strategy()
