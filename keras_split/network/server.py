@@ -343,6 +343,7 @@ class SplitServer:
         if expiry is not None:
             expiry.cancel()
         self._call_soon(self._server.stop(grace))
+        self._call_soon(self._settle())
         self._workers.shutdown(wait=True)
         with self._model_lock:
             self._save()
@@ -350,6 +351,14 @@ class SplitServer:
         if self._folder_lock is not None:
             self._folder_lock.release()
         logger.info("event=server.stopped address=%s", self.address)
+
+    @staticmethod
+    async def _settle(timeout: float = 2.0) -> None:
+        """Let the calls the stop cancelled (open step streams, mostly) finish
+        their handlers, so that no task is left pending when the loop stops."""
+        tasks = asyncio.all_tasks() - {asyncio.current_task()}
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
 
     def _shutdown_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
