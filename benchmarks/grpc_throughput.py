@@ -17,6 +17,7 @@ round: less sensitive to a load that changes between rounds than the ratio of
 best rates.
 
     python benchmarks/grpc_throughput.py [--rounds 5] [--epochs 2] [--batch-size 64]
+        [--only "unsplit,grpc none,grpc float16,grpc none unary,grpc float16 unary"]
 """
 
 import argparse
@@ -84,18 +85,27 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--only", default=None,
+                        help="comma-separated configurations to run (unsplit always runs): "
+                             "fewer per round measure each closer in time to unsplit")
     args = parser.parse_args()
+    only = None if args.only is None else {"unsplit", *args.only.split(",")}
     (x, y), _, (x_test, y_test) = keras_split.datasets.load_pneumoniamnist_balanced()
     folder = tempfile.mkdtemp()
     certs = write_dev_certificates(folder)
     keras.utils.set_random_seed(0)
     weights = build_demo_cnn().get_weights()
-    configs = {"unsplit": unsplit(weights), "in-process": in_process(weights)}
+    builders = {"unsplit": lambda: unsplit(weights), "in-process": lambda: in_process(weights)}
     for codec in CODECS:
-        configs[f"grpc {codec}"] = over_grpc(weights, codec, certs)
-    configs["grpc float16+ckpt"] = over_grpc(weights, "float16", certs, folder)
+        builders[f"grpc {codec}"] = lambda codec=codec: over_grpc(weights, codec, certs)
+    builders["grpc float16+ckpt"] = lambda: over_grpc(weights, "float16", certs, folder)
     for codec in ("none", "float16"):
-        configs[f"grpc {codec} unary"] = over_grpc(weights, codec, certs, stream=False)
+        builders[f"grpc {codec} unary"] = lambda codec=codec: over_grpc(weights, codec, certs,
+                                                                         stream=False)
+    unknown = (only or set()) - set(builders)
+    if unknown:
+        parser.error(f"unknown configurations {sorted(unknown)}; known: {list(builders)}")
+    configs = {name: build() for name, build in builders.items() if only is None or name in only}
     # The shipped training set is ordered by class: shuffle, or nothing is learnt.
     for owner, _ in configs.values():
         owner.fit(x, y, batch_size=args.batch_size, epochs=1, verbose=0)
@@ -130,10 +140,10 @@ def main():
                                                           strict=True))
         print(f"{name:20} {best:8.0f} {median:9.0f} {best / base:6.3f} {paired:7.3f} "
               f"{accuracies[name]:9.4f}")
-    values = math.prod(configs["in-process"][0].cut_specs[0].shape[1:])
+    values = math.prod(keras_split.split(build_demo_cnn(), "pool2").cut_specs[0].shape[1:])
     print(f"\nbytes/sample on the wire (cut: {values} float32 values; label 8 bytes up)")
     print(f"{'codec':10} {'up':>9} {'analytic':>9} {'down':>9} {'analytic':>9}")
-    for codec in CODECS:
+    for codec in (c for c in CODECS if c in wire):
         payload = analytic_bytes(codec, values)
         up, down = wire[codec]
         print(f"{codec:10} {up:9.1f} {payload + 8:9.1f} {down:9.1f} {payload:9.1f}")
