@@ -63,7 +63,7 @@ _EXPORTS = {
 # Modules reached as attributes (`keras_split.datasets.load_...`).
 _MODULES = {"datasets": "keras_split.datasets", "privacy": "keras_split.privacy",
             "plot": "keras_split.plot", "sharding": "keras_split.configurations.sharding",
-            "codecs": "keras_split_wire.codecs"}
+            "codecs": "keras_split_wire.codecs", "flower": "keras_split.flower"}
 
 if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported eagerly
     from keras_split import datasets, plot, privacy
