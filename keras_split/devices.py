@@ -137,6 +137,18 @@ class DistributedServerRole(ServerRole):
         data = tf.where(rows > 0, (loss - tf.cast(regularization, loss.dtype)) * share, 0.0)
         return data + tf.cast(regularization, loss.dtype) / self.replicas, y_pred
 
+    def _count_if(self, accepted, total, activations, labels, y_pred, sample_weight) -> None:
+        """In a replica: an accepted step's loss and metrics, for its shard's rows
+        (the loss tracker's mean over replicas is then the whole batch's loss)."""
+        rows = tf.shape(activations[0])[0]
+
+        def count():
+            self.loss_tracker.update_state(total, sample_weight=rows)
+            self._logs(labels, y_pred, sample_weight)
+            return tf.constant(True)
+
+        tf.cond(accepted, count, lambda: tf.constant(False))
+
     def _distributed_train(self, activations, labels, sample_weight):
         batch = tf.shape(activations[0])[0]
 
@@ -161,14 +173,7 @@ class DistributedServerRole(ServerRole):
             grads_ok = everywhere(_representable(grads))
             state_ok = everywhere(_all_finite(self.model.non_trainable_variables))
             ok = loss_ok & grads_ok & state_ok
-            rows = tf.shape(shard_activations[0])[0]
-
-            def count():
-                self.loss_tracker.update_state(total, sample_weight=rows)
-                self._logs(shard_labels, y_pred, shard_weight)
-                return tf.constant(True)
-
-            tf.cond(ok, count, lambda: tf.constant(False))
+            self._count_if(ok, total, shard_activations, shard_labels, y_pred, shard_weight)
             # Summed here, applied once below: the optimizer's own all-reduce
             # is a synchronisation point, which TensorFlow does not allow
             # inside the condition that makes a refused step change nothing.
@@ -199,14 +204,8 @@ class DistributedServerRole(ServerRole):
                                             batch, training=False)
             total = replica_context.all_reduce("sum", loss)
             loss_ok = tf.math.is_finite(total)  # the same total on every replica
-            rows = tf.shape(shard_activations[0])[0]
-
-            def accept():
-                self.loss_tracker.update_state(total, sample_weight=rows)
-                self._logs(shard_labels, y_pred, shard_weight)
-                return tf.constant(True)
-
-            tf.cond(loss_ok, accept, lambda: tf.constant(False))
+            self._count_if(loss_ok, total, shard_activations, shard_labels, y_pred,
+                           shard_weight)
             return loss_ok, total
 
         loss_ok, total = self.strategy.run(

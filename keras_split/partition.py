@@ -502,42 +502,22 @@ def cut_candidates(model, *, collapse: bool = True, include_raw: bool = False,
                    device_check=None) -> CutTable:
     """List the layers at which a single cut separates inputs from outputs.
 
-    Use it to choose a cut: a phone wants few client parameters and FLOPs, the
-    network wants few bytes per sample. Rows come in graph order, and each row
-    names a cut `split()` accepts: cuts bypassed by a skip connection or a
-    parallel branch are left out (they need several tensors; `split()`'s error
-    names them), and so are cuts that would send raw inputs (see
-    `include_raw`).
+    The core's cut table. Users call `keras_split.cut_candidates`
+    (`keras_split.planning.cut_candidates`), which adds the export layer's
+    device column and documents the rows and options; this function takes
+    that column's check as a hook, since the core knows no export rules.
 
     Args:
         model: a functional or Sequential `keras.Model`.
-        collapse: when True (the default), a layer's cut and the cuts right
-            after it that send the same number of bytes through layers without
-            a kernel (Conv→BatchNorm→ReLU, Pool→Flatten) share one row, named
-            after the first of them and listing all in `layers`. False gives
-            one row per cut.
-        include_raw: also list the cuts whose client half has no trainable
-            weights (Rescaling, ZeroPadding2D, Normalization right after the
-            input), with `refused` saying why `split()` refuses them.
+        collapse, include_raw: as for `keras_split.cut_candidates`.
         device_check: a callable taking one `keras_split.graph.Call` and
             returning True when a device export cannot express it. With it,
             each row says whether its client half exports (`exportable`,
-            `export_blocker`). `keras_split.cut_candidates` passes the export
-            layer's check (`keras_split.export.program.blocks_export`); the
-            core knows no export rules of its own.
+            `export_blocker`); without it those are None and the table
+            prints no device column.
 
     Returns:
         A `CutTable`: a list of `CutCandidate`; `summary()` prints it.
-
-    Example:
-
-    ```python
-    table = keras_split.cut_candidates(model)
-    table.summary()
-    for c in table:
-        print(c.layer, c.bytes_per_sample, c.client_params, c.client_flops,
-              f"{c.client_flops_fraction:.0%}")
-    ```
     """
     from keras_split.flops import call_flops
 
