@@ -89,6 +89,16 @@ def _compressible(array: np.ndarray) -> bool:
         np.all(np.isfinite(array)))
 
 
+def _finite_range(array: np.ndarray) -> tuple[float, float] | None:
+    """(min, max) of a non-empty floating-point array whose values are all
+    finite, else None: np.min and np.max propagate NaN and keep infinities,
+    so one pass for each answers both questions."""
+    if array.dtype.name not in FLOAT_DTYPES or array.size == 0:
+        return None
+    low, high = float(array.min()), float(array.max())
+    return (low, high) if math.isfinite(low) and math.isfinite(high) else None
+
+
 def _scaled_cast(array: np.ndarray, exponent: int, dtype: str) -> np.ndarray:
     """`(array * 2**exponent).astype(dtype)`, vectorized.
 
@@ -147,9 +157,10 @@ class Float16(Codec):
     name = "float16"
 
     def encode(self, array, tensor):
-        if not _compressible(array):
+        bounds = _finite_range(array)
+        if bounds is None:
             return Codec.encode(self, array, tensor)
-        largest = max(float(array.max()), -float(array.min()))
+        largest = max(bounds[1], -bounds[0])
         exponent = 0 if largest == 0.0 else _FLOAT16_TOP - math.frexp(largest)[1]
         # Every scaled magnitude is at most 2**15: no dtype overflows here.
         half = _scaled_cast(array, exponent, "float16")
@@ -200,9 +211,10 @@ class Int8(Codec):
     name = "int8"
 
     def encode(self, array, tensor):
-        if not _compressible(array):
+        bounds = _finite_range(array)
+        if bounds is None:
             return Codec.encode(self, array, tensor)
-        low, high = min(float(array.min()), 0.0), max(float(array.max()), 0.0)
+        low, high = min(bounds[0], 0.0), max(bounds[1], 0.0)
         # The message carries a float32 scale: quantize with exactly that value.
         scale = float(np.float32((high - low) / 255.0)) or 1.0
         zero_point = int(np.clip(round(-128 - low / scale), -128, 127))
