@@ -17,10 +17,16 @@ round: less sensitive to a load that changes between rounds than the ratio of
 best rates.
 
     python benchmarks/grpc_throughput.py [--rounds 5] [--epochs 2] [--batch-size 64]
-        [--only "unsplit,grpc none,grpc float16,grpc none unary,grpc float16 unary"]
+        [--only "grpc none,grpc float16,grpc none unary,grpc float16 unary"] [--breakdown]
+
+`--breakdown` also times the parts of every gRPC step (instrumented: the
+client's check and encode, the transit to the server's step, the server's
+decode, role and encode, the transit back, the client's decode) and prints
+the median of each per configuration.
 """
 
 import argparse
+import collections
 import math
 import os
 import statistics
@@ -80,16 +86,76 @@ def over_grpc(weights, codec, certs, folder=None, stream=True):
     return client, server
 
 
+PARTS = ["client check", "client encode", "transit up", "server decode", "server step",
+         "server encode", "transit back", "client decode", "round trip"]
+
+
+def instrument(parts):
+    """Time the parts of each gRPC step into `parts[name]`, where `name` is
+    `parts["current"]` (the configuration running). Server and client share this
+    process, so one clock times the transit both ways."""
+    from keras_split.network import server as server_module
+    from keras_split.network import transport as transport_module
+    from keras_split_wire import rpc
+
+    marks = {}
+
+    def timed(owner, attribute, part, mark_in=None, mark_out=None):
+        function = getattr(owner, attribute)
+
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            if mark_in:
+                marks[mark_in] = start
+            result = function(*args, **kwargs)
+            end = time.perf_counter()
+            if mark_out:
+                marks[mark_out] = end
+            if part:
+                parts[parts["current"]][part].append(end - start)
+            return result
+
+        setattr(owner, attribute, wrapper)
+
+    timed(transport_module, "check_outgoing", "client check")
+    timed(transport_module.wire, "request_to_pb", "client encode")
+    timed(transport_module.wire, "reply_from_pb", "client decode")
+    timed(server_module.wire, "request_from_pb", "server decode", mark_in="server in")
+    timed(server_module.wire, "reply_to_pb", "server encode", mark_out="server out")
+    timed(server_module.SplitServer, "_handle", "server step")
+    for owner, attribute in [(rpc.Stream, "exchange"), (transport_module.GrpcTransport, "_call")]:
+        function = getattr(owner, attribute)
+
+        def call(*args, function=function, **kwargs):
+            start = time.perf_counter()
+            result = function(*args, **kwargs)
+            end = time.perf_counter()
+            if "server in" in marks:  # a step (not Open, Turn or Report)
+                record = parts[parts["current"]]
+                record["transit up"].append(marks.pop("server in") - start)
+                record["transit back"].append(end - marks.pop("server out"))
+                record["round trip"].append(end - start)
+            return result
+
+        setattr(owner, attribute, call)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time the parts of each gRPC step (instrumented)")
     parser.add_argument("--only", default=None,
                         help="comma-separated configurations to run (unsplit always runs): "
                              "fewer per round measure each closer in time to unsplit")
     args = parser.parse_args()
     only = None if args.only is None else {"unsplit", *args.only.split(",")}
+    parts = collections.defaultdict(lambda: collections.defaultdict(list))
+    parts["current"] = "warm-up"
+    if args.breakdown:
+        instrument(parts)
     (x, y), _, (x_test, y_test) = keras_split.datasets.load_pneumoniamnist_balanced()
     folder = tempfile.mkdtemp()
     certs = write_dev_certificates(folder)
@@ -113,6 +179,7 @@ def main():
     wire = {}
     for round_ in range(args.rounds):
         for name, (owner, _) in configs.items():
+            parts["current"] = name
             start = time.perf_counter()
             history = owner.fit(x, y, batch_size=args.batch_size, epochs=args.epochs, verbose=0)
             rates[name].append(len(x) * args.epochs / (time.perf_counter() - start))
@@ -140,6 +207,17 @@ def main():
                                                           strict=True))
         print(f"{name:20} {best:8.0f} {median:9.0f} {best / base:6.3f} {paired:7.3f} "
               f"{accuracies[name]:9.4f}")
+    if args.breakdown:
+        timed = [name for name in configs if parts[name]]
+        print(f"\nms per gRPC step, median (unsplit: "
+              f"{1e3 * args.batch_size / statistics.median(rates['unsplit']):.3f} ms per step)")
+        print(f"{'part':16}" + "".join(f"{name[5:]:>15}" for name in timed))
+        for part in PARTS:
+            print(f"{part:16}" + "".join(
+                f"{1e3 * statistics.median(parts[name][part] or [math.nan]):15.3f}"
+                for name in timed))
+        print(f"{'whole step':16}" + "".join(
+            f"{1e3 * args.batch_size / statistics.median(rates[name]):15.3f}" for name in timed))
     values = math.prod(keras_split.split(build_demo_cnn(), "pool2").cut_specs[0].shape[1:])
     print(f"\nbytes/sample on the wire (cut: {values} float32 values; label 8 bytes up)")
     print(f"{'codec':10} {'up':>9} {'analytic':>9} {'down':>9} {'analytic':>9}")
