@@ -37,7 +37,8 @@ class SplitClient(trainer.LoopOwner):
         durable_checkpoints: also flush each checkpoint to disk (survives power
             loss, not only a killed process; costs an fsync per step).
         root_certificates, certificate, private_key, insecure, compression,
-            timeout, retry_for, tls_hint: as in `GrpcTransport`.
+            timeout, retry_for, tls_hint, stream: as in `GrpcTransport` (the
+            steps travel on one `Steps` stream per session unless stream=False).
     """
 
     def __init__(self, model: keras.Model, server: str, token: str | None = None,
