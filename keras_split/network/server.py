@@ -30,7 +30,9 @@ What no peer can do (see the README's security section):
   body is never read or parsed. A call must deliver its message within
   `first_message_timeout` seconds; each client may have `max_calls_per_client`
   calls in flight and the whole server `max_concurrent_rpcs`; beyond that
-  calls are refused with RESOURCE_EXHAUSTED. Waiting for a turn in rounds is an
+  calls are refused with RESOURCE_EXHAUSTED. An open step stream counts as one
+  of its client's calls, and ends after `stream_idle_timeout` seconds without
+  a message. Waiting for a turn in rounds is an
   asyncio wait, not a thread. Only the model's own work runs on the
   `max_workers` threads.
 - **Grow the server without bound.** Sessions are capped per client and
@@ -305,6 +307,7 @@ class SplitServer:
                      ("grpc.http2.max_pings_without_data", 0),
                      ("grpc.max_connection_idle_ms", 15 * 60_000)],
             maximum_concurrent_rpcs=max_concurrent_rpcs)
+
         def serialize(message):
             return message.SerializeToString()
 
