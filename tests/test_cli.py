@@ -337,3 +337,18 @@ def test_plan_errors_name_the_flags(argv, message, capsys):
     assert cli.main(["plan", "--samples", "10", "--clients", "2", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_serve_options_for_many_clients(setup, tmp_path):
+    from keras_split.apps.netdemo import make_server
+    from keras_split.configurations.parallel import ParallelRole
+
+    options = dict(tokens={"t": "a"}, insecure=True, address="127.0.0.1:0")
+    server = make_server(setup["server"], "sparse_categorical_crossentropy", True, "adam",
+                         1e-3, ["accuracy"], group_steps=8, max_concurrent_rpcs=600, **options)
+    assert isinstance(server.role, ParallelRole) and server.role.max_group == 8
+    assert server._workers._max_workers == 10  # a worker for each grouped step, and two
+    with pytest.raises(ValueError, match="--group-steps groups steps on one shared server"):
+        make_server(setup["server"], "sparse_categorical_crossentropy", True, "adam", 1e-3,
+                    [], group_steps=4, rounds={"mode": "sflv1"}, **options)
+    assert cli.main(["serve", "--model", str(setup["server"]), "--max-concurrent-rpcs", "0"]) == 2

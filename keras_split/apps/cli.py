@@ -250,7 +250,8 @@ def _serve(args) -> int:
         certificate=args.cert, private_key=args.key, client_ca=args.client_ca,
         insecure=args.insecure, max_batch_size=args.max_batch_size,
         checkpoint_dir=args.checkpoint_dir, durable_checkpoints=args.durable_checkpoints,
-        rounds=_rounds_options(args),
+        rounds=_rounds_options(args), max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_workers=args.max_workers, group_steps=args.group_steps,
     ).start()
     coordinator = server.coordinator
     until = "Ctrl-C to stop" if coordinator is None else \
@@ -356,6 +357,15 @@ def _network_commands(commands) -> None:
                             "with --client-ca: certificates then name the clients)")
     serve.add_argument("--max-batch-size", type=int, default=1024,
                        help="largest batch accepted; sets the message size limit")
+    serve.add_argument("--max-concurrent-rpcs", type=int, default=256,
+                       help="calls the server holds at once, all clients together; more are "
+                            "refused with RESOURCE_EXHAUSTED (default 256; raise it for "
+                            "hundreds of clients)")
+    serve.add_argument("--max-workers", type=int, default=4,
+                       help="threads for the model's work (default 4); waiting calls use none")
+    serve.add_argument("--group-steps", type=int, metavar="N",
+                       help="run the training steps of up to N concurrent clients as one "
+                            "server step on their concatenated activations (ParallelRole)")
     serve.add_argument("--checkpoint-dir",
                        help="checkpoint after every step here, and resume from it on start")
     serve.add_argument("--durable-checkpoints", action="store_true",
@@ -521,8 +531,9 @@ def _is_user_error(error: BaseException) -> bool:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("epochs", "batch_size"):
+    for name in ("epochs", "batch_size", "max_concurrent_rpcs", "max_workers", "group_steps"):
         value = getattr(args, name, 1)
+        value = 1 if value is None else value
         if value < 1:
             print(f"keras-split: --{name.replace('_', '-')} must be at least 1, got {value}.",
                   file=sys.stderr)

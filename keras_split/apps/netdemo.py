@@ -20,11 +20,13 @@ from pathlib import Path
 import keras
 
 from keras_split.apps.demo import DEFAULT_CUT, ByteCountProgbar, build_demo_cnn, format_logs
+from keras_split.configurations.parallel import ParallelRole
 from keras_split.configurations.rounds import PerClientRole, RoundCoordinator
 from keras_split.configurations.sharding import shard_iid
 from keras_split.datasets import load_pneumoniamnist_balanced, read_medmnist_npz
 from keras_split.network.client import SplitClient
 from keras_split.network.server import SplitServer
+from keras_split.roles import ServerRole
 from keras_split.split_model import SplitModel, split
 
 SHIPPED_DATA = "the shipped balanced PneumoniaMNIST subset"
@@ -61,13 +63,18 @@ def read_tokens(path) -> dict[str, str]:
 
 
 def make_server(model_path, loss, from_logits, optimizer, learning_rate, metrics,
-                rounds=None, **options):
+                rounds=None, group_steps=None, **options):
     """A `SplitServer` for a saved server half.
 
     `rounds`: to coordinate rounds of client processes, a dict with `mode`
     ("round_robin", "splitfed" or "sflv1"), `rounds`, `clients`, `turn_timeout`
     and `client_model` (the client half's file: its initial weights).
+    `group_steps`: serve with a `ParallelRole` grouping up to this many
+    concurrent clients' steps (and `max_workers` of at least that plus 2).
     """
+    if group_steps is not None and (rounds or {}).get("mode") == "sflv1":
+        raise ValueError("--group-steps groups steps on one shared server half; SFLv1 "
+                         "(--round-mode sflv1) keeps a copy per client. Use one or the other.")
     if not options.get("tokens") and options.get("client_ca") is None:
         raise ValueError("Clients must authenticate: pass --token-file (lines of 'TOKEN "
                          "CLIENT_ID'), or --client-ca for mutual TLS, or both.")
@@ -101,6 +108,10 @@ def make_server(model_path, loss, from_logits, optimizer, learning_rate, metrics
             weights, "round_robin" if mode == "round_robin" else "splitfed",
             rounds=rounds["rounds"], clients=rounds["clients"],
             turn_timeout=rounds["turn_timeout"], server=options.get("role"))
+    if group_steps is not None:
+        options["role"] = ParallelRole(
+            ServerRole(model, optimizer_object, loss_object, metrics), max_group=group_steps)
+        options["max_workers"] = max(options.get("max_workers", 4), group_steps + 2)
     return SplitServer(model, loss_object, optimizer_object, metrics, **options)
 
 
