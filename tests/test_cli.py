@@ -346,8 +346,11 @@ def test_serve_options_for_many_clients(setup, tmp_path):
     options = dict(tokens={"t": "a"}, insecure=True, address="127.0.0.1:0")
     server = make_server(setup["server"], "sparse_categorical_crossentropy", True, "adam",
                          1e-3, ["accuracy"], group_steps=8, max_concurrent_rpcs=600, **options)
-    assert isinstance(server.role, ParallelRole) and server.role.max_group == 8
-    assert server._workers._max_workers == 10  # a worker for each grouped step, and two
+    try:
+        assert isinstance(server.role, ParallelRole) and server.role.max_group == 8
+        assert server._workers._max_workers == 10  # a worker for each grouped step, and two
+    finally:
+        server.stop()
     with pytest.raises(ValueError, match="--group-steps groups steps on one shared server"):
         make_server(setup["server"], "sparse_categorical_crossentropy", True, "adam", 1e-3,
                     [], group_steps=4, rounds={"mode": "sflv1"}, **options)

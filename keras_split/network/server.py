@@ -272,7 +272,8 @@ class SplitServer:
             self._open_checkpoints(Path(checkpoint_dir))
         self._limit = message_limit(self.cut_specs, max_batch_size)
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+        self._loop_done = threading.Event()  # set once the loop has stopped and closed
+        self._thread = threading.Thread(target=self._run_loop, daemon=True,
                                         name="keras-split-server-loop")
         self._thread.start()
         self._server: Any = None
@@ -363,15 +364,27 @@ class SplitServer:
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
 
-    def _shutdown_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        if not self._thread.is_alive() and not self._loop.is_running():
+    def _run_loop(self) -> None:
+        # The loop closes in its own thread, once it has stopped. Waiters watch
+        # `_loop_done`, not the thread: CPython's Thread.join interrupted by a
+        # signal (an operator's SIGTERM) can leave the thread reported dead
+        # while it still runs, and the loop would then never be closed.
+        try:
+            self._loop.run_forever()
+        finally:
             self._loop.close()
+            self._loop_done.set()
+
+    def _shutdown_loop(self) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        except RuntimeError:  # closed already: it had stopped
+            pass
+        self._loop_done.wait(timeout=10)
 
     def wait(self) -> None:
         """Block until the server stops."""
-        self._thread.join()
+        self._loop_done.wait()
 
     def wait_for_rounds(self, linger: float = 10.0, poll: float = 0.1) -> bool:
         """Block until the coordinator's rounds are over and their clients are done.
