@@ -108,19 +108,30 @@ def test_planned_bytes_equal_measured_bytes(rng):
     costs = plan(split, samples=25, num_clients=1, epochs=2, label_bytes=8)
     assert sum(history.history["bytes_up"]) == costs.get("vanilla").bytes_up
     assert sum(history.history["bytes_down"]) == costs.get("vanilla").bytes_down
-    # Round-robin, 2 clients: each client's link carries the activations, labels and
-    # gradients planned; the hand-offs (2 x 60 B a round here) travel outside the
-    # transports, which do not count them yet.
-    robin = keras_split.RoundRobin(split.client, split.server, clients=2)
-    robin.compile(optimizer="sgd", loss="mse")
+    # Round-robin and SplitFed, 2 clients, 3 rounds: each client's History reports
+    # the activations, labels and gradients of its link and the client-half
+    # hand-offs (60 B each way per round here), as planned.
     labels = rng.normal(size=(20, 2))  # float64: 16 B a sample
-    robin.fit([(x[:10], labels[:10]), (x[10:20], labels[10:])], rounds=3, batch_size=4)
-    planned = plan(split, samples=20, num_clients=2, epochs=3, label_bytes=16).get("round_robin")
-    for party in robin.clients:
-        counted = party.transport.bytes
-        assert counted.up == planned.bytes_up - planned.weight_bytes / 2
-        assert counted.down == planned.bytes_down - planned.weight_bytes / 2
-    assert planned.weight_bytes == 2 * 60 * 3
+    shards = [(x[:10], labels[:10]), (x[10:20], labels[10:])]
+    costs = plan(split, samples=20, num_clients=2, epochs=3, label_bytes=16)
+    for federation, name in [
+        (keras_split.RoundRobin(split.client, split.server, clients=2), "round_robin"),
+        (keras_split.SplitFed(split.client, split.server, clients=2, version=2), "splitfed"),
+    ]:
+        federation.compile(optimizer="sgd", loss="mse")
+        federation.fit(shards, rounds=3, batch_size=4)
+        planned = costs.get(name)
+        assert planned.weight_bytes == 2 * 60 * 3
+        measured = federation.bytes_per_client()
+        assert sorted(measured) == [0, 1]
+        for index, row in measured.items():
+            assert (row["up"], row["down"]) == (planned.bytes_up, planned.bytes_down), name
+            assert row["handoff_up"] + row["handoff_down"] == planned.weight_bytes
+            # Of which the link counted the rest, as its transport did.
+            link = federation.clients[index].transport.bytes
+            assert (link.up, link.down) == (row["up"] - row["handoff_up"],
+                                            row["down"] - row["handoff_down"])
+        assert [sorted(entry["bytes"]) for entry in federation.history] == [[0, 1]] * 3
 
 
 def test_summary_is_a_table():

@@ -31,6 +31,17 @@ dropout like a failed link.
 
 Every client is the one split step of `protocol`: a `ClientRole` and a
 transport to a `ServerRole`. Here all parties run in one process.
+
+**Bytes.** Each round's entry in `history` has `"bytes"`: per client, what
+it sent (`"up"`) and received (`"down"`) in the round: its link's split steps
+(activations, labels, gradients, as its transport counts them) plus the
+client-half hand-offs (`"handoff_up"`, `"handoff_down"`, also included in the
+totals), as the hand-offs would cross between processes: the client half's
+weights once each way per turn (round-robin, and the optimizer's state too
+with `handoff_optimizer=True`) or per round (SplitFed: the round's client
+half down, the trained one up for FedAvg). A dropped client's row counts
+what it sent and received before it dropped. `keras_split.plan` predicts the
+same figures (`tests/test_plan.py` checks them equal).
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ import logging
 import time
 
 import keras
+import numpy as np
 
 from keras_split.configurations.policy import RoundError, RoundPolicy, fedavg
 from keras_split.roles import ServerRole
@@ -49,6 +61,10 @@ __all__ = ["FAILURES", "RoundRobin", "SplitFed", "fedavg"]
 
 logger = logging.getLogger("keras_split.configurations.federation")
 FAILURES = (ConnectionError, TimeoutError)
+
+
+def _nbytes(arrays) -> int:
+    return int(sum(np.asarray(a).nbytes for a in arrays))
 
 
 def _clone(model: keras.Model) -> keras.Model:
@@ -83,22 +99,41 @@ class _Federation:
                                f"train in round {number + 1} ({self.policy!r}).")
         return turn.weights
 
-    def _train(self, index: int, number: int, party: SplitModel, x, y, **options):
+    def _train(self, index: int, number: int, party: SplitModel, x, y, *, received: int,
+               counts: dict, **options):
         """Client `index`'s turn: `party.fit(x, y, **options)`, reported to the
-        policy. A failed link or a refused report drops the client.
+        policy. A failed link or a refused report drops the client. Its bytes
+        this turn go into `counts[index]`: the link's, plus the `received`
+        bytes handed to it before the turn and the client half (and
+        `_handoff_extra`) it hands on after it.
 
         Returns:
             The fit's `History`, or None if the client was dropped.
         """
+        counter = party.transport.bytes
+        before = (counter.up, counter.down)
+        sent = 0
         try:
             history = party.fit(x, y, **options)
-            self.policy.report(index, number + 1, party.client.get_weights(), len(x),
-                               time.monotonic())
+            weights = party.client.get_weights()
+            self.policy.report(index, number + 1, weights, len(x), time.monotonic())
+            sent = _nbytes(weights) + self._handoff_extra(party)
         except (*FAILURES, RoundError) as error:
             logger.warning("Client %d dropped out of round %d: %s", index, number + 1, error)
             self.policy.fail(index, time.monotonic())
-            return None
+            history = None
+        counts[index] = {"up": counter.up - before[0] + sent,
+                         "down": counter.down - before[1] + received,
+                         "handoff_up": sent, "handoff_down": received}
         return history
+
+    def _handoff_extra(self, party) -> int:
+        """Bytes handed on after a turn besides the client half's weights."""
+        return 0
+
+    @staticmethod
+    def _round_bytes(counts: dict) -> dict:
+        return dict(sorted(counts.items()))
 
     def _ended(self):
         (ended,) = self.policy.take_round_ends()
@@ -116,6 +151,16 @@ class _Federation:
             raise ValueError(f"Give one transport per client: {self.count} clients, received "
                              f"{len(transports)}.")
         self.transports = transports
+
+    def bytes_per_client(self) -> dict[int, dict[str, int]]:
+        """Each client's bytes over every round of `history` (see the module doc)."""
+        total: dict[int, dict[str, int]] = {}
+        for entry in self.history:
+            for index, row in entry["bytes"].items():
+                into = total.setdefault(index, dict.fromkeys(row, 0))
+                for key, value in row.items():
+                    into[key] += value
+        return total
 
     def _check_shards(self, shards):
         if len(shards) != self.count:
@@ -174,17 +219,21 @@ class RoundRobin(_Federation):
         self._check_shards(shards)
         self._start(self.latest, "round_robin", rounds)
         for number in range(rounds):
-            losses = {}
+            losses, counts = {}, {}
             for index, (party, (x, y)) in enumerate(zip(self.clients, shards, strict=True)):
                 # The hand-off: the latest client half reaches this client.
                 self.weights_seen_by.add("server" if self.handoff == "server" else "clients")
-                party.client.set_weights(self._go(index, number))
+                weights = self._go(index, number)
+                party.client.set_weights(weights)
+                received = _nbytes(weights)
                 optimizer = party.client_role.optimizer
                 if self.handoff_optimizer and self.latest_optimizer is not None:
                     for variable, value in zip(optimizer.variables, self.latest_optimizer,
                                                strict=True):
                         variable.assign(value)
-                history = self._train(index, number, party, x, y, batch_size=batch_size,
+                    received += _nbytes(self.latest_optimizer)
+                history = self._train(index, number, party, x, y, received=received,
+                                      counts=counts, batch_size=batch_size,
                                       epochs=1, shuffle=shuffle, seed=seed, verbose=verbose)
                 if history is None:
                     continue
@@ -194,9 +243,14 @@ class RoundRobin(_Federation):
                 losses[index] = history.history["loss"][-1]
             _, record = self._ended()
             self.history.append({"round": number + 1, "dropped": list(record.dropped),
-                                 "loss": losses})
+                                 "loss": losses, "bytes": self._round_bytes(counts)})
         self.client_model.set_weights(self.latest)
         return self.history
+
+    def _handoff_extra(self, party) -> int:
+        if not self.handoff_optimizer:
+            return 0
+        return _nbytes([v.numpy() for v in party.client_role.optimizer.variables])
 
 
 class SplitFed(_Federation):
@@ -250,15 +304,16 @@ class SplitFed(_Federation):
             # SplitFed: every client goes when the round starts, from the same
             # client half; here they then train one after the other.
             starts = [self._go(index, number) for index in range(self.count)]
-            servers = {}
+            servers, counts = {}, {}
             for index, party in enumerate(self.clients):
                 x, y = shards[index]
                 party.client.set_weights(starts[index])
                 if self.version == 1:
                     self.server_copies[index].set_weights(start_server)
-                history = self._train(index, number, party, x, y, batch_size=batch_size,
-                                      epochs=local_epochs, shuffle=shuffle, seed=seed,
-                                      verbose=verbose)
+                history = self._train(index, number, party, x, y,
+                                      received=_nbytes(starts[index]), counts=counts,
+                                      batch_size=batch_size, epochs=local_epochs,
+                                      shuffle=shuffle, seed=seed, verbose=verbose)
                 if history is not None:
                     servers[index] = self.server_copies[index].get_weights()
             ended, record = self._ended()
@@ -269,5 +324,6 @@ class SplitFed(_Federation):
                 self.server_model.set_weights(fedavg([servers[i] for i in ended.counts],
                                                      list(ended.counts.values())))
             self.history.append({"round": number + 1, "dropped": list(record.dropped),
-                                 "clients": len(ended.counts)})
+                                 "clients": len(ended.counts),
+                                 "bytes": self._round_bytes(counts)})
         return self.history
