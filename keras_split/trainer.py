@@ -280,9 +280,19 @@ def _fingerprint(batches, batch_size, epochs, shuffle, initial_epoch, steps_per_
 def fit(owner, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None,
         validation_split=0.0, validation_data=None, shuffle=True, class_weight=None,
         sample_weight=None, initial_epoch=0, steps_per_epoch=None, validation_steps=None,
-        validation_batch_size=None, validation_freq=1, seed=None):
+        validation_batch_size=None, validation_freq=1, seed=None, pipeline=1):
     owner.require_compiled("fit")
     check_single_device(owner, "fit")
+    if isinstance(pipeline, bool) or not isinstance(pipeline, numbers.Integral) or pipeline < 1:
+        raise ValueError(f"`pipeline` must be an integer >= 1 (the training steps in flight), "
+                         f"received {pipeline!r}.")
+    pipeline = int(pipeline)
+    if pipeline > 1 and getattr(owner, "checkpoint_path", None) is not None:
+        raise ValueError(
+            "`pipeline` > 1 cannot be combined with a client checkpoint (`checkpoint_dir`): "
+            "a checkpoint is taken after each applied step, when the server has already "
+            "applied the steps in flight after it, which a resume cannot reconcile. Use "
+            "pipeline=1 with checkpoints.")
     # Every argument is checked before anything runs: a refused fit changes nothing.
     if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
         raise ValueError(f"`epochs` must be a positive integer, received {epochs!r}.")
@@ -320,6 +330,16 @@ def fit(owner, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callba
         up0, down0 = transport.bytes.snapshot()
         logs = {}
         client_loss = ClientLoss(getattr(owner.client_role, "log_names", ()))
+        pipe = None if pipeline == 1 else protocol.Pipeline(
+            owner.client_role, transport, pipeline, owner.next_step, owner._rewind_step)
+
+        def finished(index, bx, reply, regularization, position, client_loss=client_loss):
+            nonlocal logs
+            owner._after_train_step(position)
+            client_loss.add(regularization, bx, reply.logs)
+            logs = client_loss.into(dict(reply.logs))
+            callback_list.on_train_batch_end(index, logs)
+
         with contextlib.closing(batches.epoch(skip)) as epoch_batches:
             for index, (bx, by, bw) in epoch_batches:
                 if by is None:
@@ -327,17 +347,26 @@ def fit(owner, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callba
                         "`fit` needs labels: pass `y`, or data that yields (x, y)."
                     )
                 callback_list.on_train_batch_begin(index)
-                reply, regularization = protocol.train_step(
-                    owner.client_role, transport, owner.next_step(), bx, by, bw,
-                    reset_metrics=index == 0,
-                )
-                owner._after_train_step({"epoch": epoch, "batch": index + 1,
-                                         **batches.get_state(), "fingerprint": fingerprint})
-                client_loss.add(regularization, bx, reply.logs)
-                logs = client_loss.into(dict(reply.logs))
-                callback_list.on_train_batch_end(index, logs)
+                position = {"epoch": epoch, "batch": index + 1, **batches.get_state(),
+                            "fingerprint": fingerprint}
+                if pipe is None:
+                    reply, regularization = protocol.train_step(
+                        owner.client_role, transport, owner.next_step(), bx, by, bw,
+                        reset_metrics=index == 0,
+                    )
+                    finished(index, bx, reply, regularization, position)
+                else:
+                    pipe.send(bx, by, bw, reset_metrics=index == 0, tag=(index, position))
+                    while pipe.full and not owner.stop_training:
+                        done = pipe.take()
+                        finished(done.tag[0], done.x, done.reply, done.regularization,
+                                 done.tag[1])
                 if owner.stop_training:
                     break
+            # The steps still in flight at the end of the epoch (or at a stop)
+            # complete: the server has them already.
+            for done in pipe.drain() if pipe is not None else ():
+                finished(done.tag[0], done.x, done.reply, done.regularization, done.tag[1])
         skip = 0
         if batches.exhausted:
             # Nothing left to train on (a generator used up): Keras's warning,
@@ -461,6 +490,11 @@ class LoopOwner:
         self._step += 1
         return self._step
 
+    def _rewind_step(self, step: int) -> None:
+        """Number the next step `step + 1` again (a pipelined step was refused:
+        it and the steps sent after it were not applied)."""
+        self._step = step
+
     @property
     def interrupted(self) -> bool:
         """True when the last `fit` stopped at `interrupt()`, resumable."""
@@ -508,7 +542,7 @@ class LoopOwner:
     def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None,
             validation_split=0.0, validation_data=None, shuffle=True, class_weight=None,
             sample_weight=None, initial_epoch=0, steps_per_epoch=None, validation_steps=None,
-            validation_batch_size=None, validation_freq=1, seed=None):
+            validation_batch_size=None, validation_freq=1, seed=None, pipeline=1):
         """Train across the cut; same arguments and return value as `keras.Model.fit`.
 
         `x` may be arrays (with `y`, `sample_weight`), a `tf.data.Dataset`, a
@@ -520,11 +554,21 @@ class LoopOwner:
 
         `History.history` also has `bytes_up` and `bytes_down`: the bytes that
         crossed the cut in each epoch's training steps (and `val_bytes_*`).
+
+        `pipeline` (ours): training steps kept in flight, to hide the link's
+        round trip. 1 (the default) is sequential training. With D > 1 the
+        client sends the cut values of up to D batches before it applies the
+        oldest one's reply: the server handles every step in order with
+        up-to-date weights, and the client's forward pass of a batch uses its
+        weights from up to D-1 updates before (see `protocol.Pipeline` for
+        the exact semantics and what a refused step does). The steps in
+        flight at the end of an epoch (or at `stop_training`) complete before
+        validation. Not with a client checkpoint (`SplitClient(checkpoint_dir=)`).
         """
         return fit(self, x, y, batch_size, epochs, verbose, callbacks, validation_split,
                    validation_data, shuffle, class_weight, sample_weight, initial_epoch,
                    steps_per_epoch, validation_steps, validation_batch_size, validation_freq,
-                   seed)
+                   seed, pipeline)
 
     def evaluate(self, x=None, y=None, batch_size=None, verbose="auto", sample_weight=None,
                  steps=None, callbacks=None, return_dict=False):

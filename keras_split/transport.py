@@ -60,8 +60,36 @@ class Transport(abc.ABC):
         process, the serialized messages over a network.
         """
 
+    def submit(self, message: Activations) -> Pending:
+        """Send `message` without waiting for its reply; `result()` of what it
+        returns gives the reply (what pipelined training uses, `fit(pipeline=D)`).
+
+        Replies come back in the order their messages were submitted: a
+        caller reads them oldest first. Bytes are counted as by `exchange`.
+        This default runs `exchange` at once (a synchronous transport: the
+        server has handled the message when `submit` returns, and a refusal
+        raises here); a network transport overrides it to keep several
+        messages on the wire (see `GrpcTransport.submit`).
+        """
+        return Pending(self.exchange(message))
+
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release the link. The in-process transport holds nothing."""
+
+
+class Pending:
+    """A submitted message's reply, to be read once with `result()`.
+
+    This one holds a reply already received; transports that keep messages
+    in flight return their own kind, whose `result()` waits for the reply
+    (and raises the transport's error when the step was refused or lost).
+    """
+
+    def __init__(self, reply: Reply):
+        self._reply = reply
+
+    def result(self) -> Reply:
+        return self._reply
 
 
 class InProcessTransport(Transport):

@@ -7,7 +7,9 @@ same policy the device runtime uses; tensors are encoded and checked by
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import time
 from typing import Any
 
 import grpc
@@ -15,7 +17,7 @@ import numpy as np
 
 from keras_split.messages import Activations, Reply
 from keras_split.network import convert as wire
-from keras_split.transport import Transport
+from keras_split.transport import Pending, Transport
 from keras_split_wire import PROTOCOL_VERSION, codecs, rpc
 from keras_split_wire.proto import split_pb2 as pb
 from keras_split_wire.proto import split_pb2_grpc as pb_grpc
@@ -78,6 +80,8 @@ class GrpcTransport(Transport):
         self.session_id: str | None = None
         self._specs: list[CutSpec] = []
         self._max_elements = 0
+        self._flight: collections.deque[_InFlight] = collections.deque()
+        self._last_reply = 0.0  # when the stream last answered (monotonic)
 
     # The retry policy's fields, readable and settable one by one.
     timeout = property(lambda self: self.policy.timeout,
@@ -120,16 +124,23 @@ class GrpcTransport(Transport):
         return rpc.call(method, request, self._metadata, self.policy, self.address,
                         tls_hint=self.tls_hint)
 
-    def _exchange(self, message: Activations) -> tuple[Reply, int, int]:
+    def _request(self, message: Activations):
         if self.session_id is None:
             raise RuntimeError("The transport is not open: call open(cut_specs) first.")
         if message.tensors:
             check_outgoing(message.tensors, self._specs)
-        request = wire.request_to_pb(self.session_id, message, self.codec)
+        return wire.request_to_pb(self.session_id, message, self.codec)
+
+    def _exchange(self, message: Activations) -> tuple[Reply, int, int]:
+        if self._flight:
+            raise RuntimeError(f"exchange() with {len(self._flight)} submitted step(s) still "
+                               "in flight: read their results first")
+        request = self._request(message)
         reply = None
         if self._steps is not None:
             try:
                 reply = self._steps.exchange(request)
+                self._last_reply = time.monotonic()
             except rpc.StreamUnsupported:  # an older server: one call per step
                 self._steps.close()
                 self._steps = None
@@ -137,6 +148,68 @@ class GrpcTransport(Transport):
             reply = self._call(self._stub.Step, request)
         decoded = wire.reply_from_pb(reply, self._max_elements, self.codec)
         return decoded, request.ByteSize(), reply.ByteSize()
+
+    # A stream quiet for longer than this may have died while idle: the first
+    # step after such a pause goes as one exchange (retried on a fresh stream),
+    # and only the steps after it are sent ahead.
+    _QUIET = 1.0
+
+    def submit(self, message: Activations) -> Pending:
+        """Write the step on the stream and return at once; `result()` reads its
+        reply (replies come in order; read the oldest first).
+
+        The server reads a stream's messages one at a time, in order, so the
+        steps sent ahead wait in the link and the server's receive buffer
+        while it works: the round trip of one step overlaps the next steps.
+        The first step after a pause (or on a new stream, or with no stream:
+        an older server) goes as a plain `exchange`, with its retries.
+
+        Steps in flight are not retried: the server answers only its last step
+        again, so a link that fails with steps in flight raises
+        `LinkDownError` naming them, and a refused step raises its error from
+        its `result()` and loses the steps sent after it (the server ended the
+        stream at the refusal and never read them). Either way the transport
+        is left ready for new steps.
+        """
+        quiet = time.monotonic() - self._last_reply > self._QUIET
+        if self._steps is None or (not self._flight and (quiet or not self._steps_open())):
+            return super().submit(message)
+        request = self._request(message)
+        self._steps.send(request)
+        pending = _InFlight(self, message.step, request.ByteSize())
+        self._flight.append(pending)
+        return pending
+
+    def _steps_open(self) -> bool:
+        return self._steps is not None and self._steps._call is not None
+
+    def _receive(self, pending: _InFlight) -> Reply:
+        if not self._flight or self._flight[0] is not pending:
+            raise RuntimeError("Read the results of submitted steps in the order they were "
+                               "submitted.")
+        assert self._steps is not None  # noqa: S101 - set while steps are in flight
+        try:
+            raw = self._steps.receive()
+        except ServerError as error:
+            lost = [p.step for p in self._flight]
+            self._flight.clear()
+            if isinstance(error, rpc.LinkDownError):
+                raise rpc.LinkDownError(
+                    f"{error} Steps {lost} were in flight and are lost: the server may "
+                    "have applied some of them, and answers only its last step again, so "
+                    "they cannot be resent. Restart the fit (or resume from a checkpoint)."
+                ) from None
+            raise
+        self._flight.popleft()
+        self._last_reply = time.monotonic()
+        decoded = wire.reply_from_pb(raw, self._max_elements, self.codec)
+        self.bytes.up += pending.sent
+        self.bytes.down += raw.ByteSize()
+        if decoded.step != pending.step:
+            raise RuntimeError(
+                f"The server answered step {decoded.step} to step {pending.step}; the "
+                "transport lost track of the conversation.")
+        return decoded
 
     def turn(self, ready_for: int):
         """Ask the server's coordinator to train (see `keras_split.configurations.rounds`);
@@ -159,9 +232,23 @@ class GrpcTransport(Transport):
         return self._call(self._stub.Report, request).round
 
     def close(self) -> None:
+        self._flight.clear()
         if self._steps is not None:
             self._steps.close()
             self._steps = None
         if self._channel is not None:
             self._channel.close()
             self._channel = None
+
+
+class _InFlight(Pending):
+    """A step written on the stream, its reply not yet read."""
+
+    def __init__(self, transport: GrpcTransport, step: int, sent: int):
+        self._transport, self.step, self.sent = transport, step, sent
+        self._received: Reply | None = None
+
+    def result(self) -> Reply:
+        if self._received is None:
+            self._received = self._transport._receive(self)
+        return self._received

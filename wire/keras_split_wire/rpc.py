@@ -243,8 +243,12 @@ class Stream:
         self._watchdog: threading.Thread | None = None
         self._lock = threading.Lock()
         self.opened = 0  # streams opened so far (the first, then one per reconnection)
+        self._unanswered = 0  # requests sent with send() not yet read by receive()
 
     def exchange(self, request: Any) -> Any:
+        if self._unanswered:
+            raise RuntimeError(f"exchange() with {self._unanswered} request(s) sent by send() "
+                               "still unanswered: receive() their replies first")
         delay = self.policy.backoff
         give_up = time.monotonic() + self.policy.retry_for
         attempt = 0
@@ -275,6 +279,71 @@ class Stream:
                 self._sleep(random.uniform(0, delay))  # noqa: S311 - jitter
                 delay = min(delay * 2, self.policy.max_backoff)
                 attempt += 1
+
+    # -- pipelined use: several requests on the wire, replies read in order --
+
+    @property
+    def in_flight(self) -> int:
+        """Requests sent with `send` whose replies `receive` has not read."""
+        return self._unanswered
+
+    def send(self, request: Any) -> None:
+        """Write `request` on the stream without waiting for its reply (opening
+        the stream if there is none); `receive` reads the replies in order.
+
+        No retry: a request in flight cannot be resent safely (the server
+        answers only its last step again), so a failure surfaces in `receive`.
+        """
+        if self._call is None:
+            self._open()
+            self._unanswered = 0
+        assert self._requests is not None  # noqa: S101 - set by _open
+        self._requests.put(request)
+        self._unanswered += 1
+
+    def receive(self) -> Any:
+        """The reply to the oldest request sent with `send` and not yet answered.
+
+        The deadline is `policy.timeout` seconds per reply. A failure drops
+        the stream, forgets every request still in flight, and raises the
+        `ServerError` subclass a call's failure would; a link that went down
+        (UNAVAILABLE, a cancelled or ended stream, a missed deadline) raises
+        `LinkDownError` with no retry.
+        """
+        if self._call is None or not self._unanswered:
+            raise RuntimeError("receive() without a request in flight")
+        self._pending = time.monotonic() + self.policy.timeout
+        try:
+            reply = next(self._call)
+        except StopIteration:
+            error: Any = _EndedError()
+        except grpc.RpcError as raised:
+            error = raised
+        else:
+            error = None
+        finally:
+            with self._lock:
+                self._pending = None
+                expired = self._expired
+        if error is None:
+            self._unanswered -= 1
+            if expired:
+                self._drop()
+            return reply
+        lost = self._unanswered
+        self._drop()
+        if expired:
+            raise LinkDownError(
+                f"Call to the split server at {self.address} failed: DEADLINE_EXCEEDED (no "
+                f"reply within {self.policy.timeout:g} s); {lost} request(s) in flight lost."
+            ) from None
+        problem = failure(error, self.address, self.tls_hint, 0, Retry(retry_for=0), 0.0)
+        if problem is None or (isinstance(problem, LinkDownError)
+                               and not is_tls_failure(error.details() or "")):
+            problem = LinkDownError(
+                f"The step stream to the split server at {self.address} failed: "
+                f"{error.code().name} ({error.details()}); {lost} request(s) in flight lost.")
+        raise problem from None
 
     def _open(self) -> None:
         requests: queue.SimpleQueue = queue.SimpleQueue()
@@ -310,6 +379,7 @@ class Stream:
         with self._lock:
             call, requests = self._call, self._requests
             self._call = self._requests = None
+        self._unanswered = 0
         if requests is not None:
             requests.put(_END)
         if call is not None:
