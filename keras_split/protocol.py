@@ -222,6 +222,13 @@ class Pipeline:
         entry.reply = reply
         return entry
 
+    def abandon(self) -> None:
+        """Forget the steps in flight without applying them (the fit stopped on
+        an error of its own, an interrupt): the client keeps its weights; the
+        server may have applied them, so its step numbering may be ahead."""
+        self._flight.clear()
+        self.transport.abandon()
+
     def drain(self):
         """Take out every step in flight, oldest first."""
         while self._flight:

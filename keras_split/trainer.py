@@ -340,7 +340,8 @@ def fit(owner, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callba
             logs = client_loss.into(dict(reply.logs))
             callback_list.on_train_batch_end(index, logs)
 
-        with contextlib.closing(batches.epoch(skip)) as epoch_batches:
+        with contextlib.closing(batches.epoch(skip)) as epoch_batches, \
+                _abandon_on_error(pipe):
             for index, (bx, by, bw) in epoch_batches:
                 if by is None:
                     raise ValueError(
@@ -388,6 +389,17 @@ def fit(owner, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callba
     callback_list.on_train_end(epoch_logs if epoch_logs is not None else logs)
     owner._after_fit(not owner._interrupted, fingerprint)
     return owner.history
+
+
+@contextlib.contextmanager
+def _abandon_on_error(pipe):
+    """Leave no step in flight when a pipelined epoch ends on an exception."""
+    try:
+        yield
+    except BaseException:
+        if pipe is not None:
+            pipe.abandon()
+        raise
 
 
 def _evaluate_batches(owner, batches, callback_list):

@@ -73,6 +73,11 @@ class Transport(abc.ABC):
         """
         return Pending(self.exchange(message))
 
+    def abandon(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Forget the messages submitted and not yet read (a fit stopped by an
+        error or an interrupt with steps in flight); the next message goes on
+        a fresh link. A synchronous transport has none."""
+
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release the link. The in-process transport holds nothing."""
 

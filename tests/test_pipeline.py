@@ -235,3 +235,22 @@ def test_pipelining_is_refused_with_a_client_checkpoint(rng):
     with pytest.raises(ValueError, match="checkpoint"):
         split.fit(x, y, batch_size=8, verbose=0, pipeline=2)
     assert split._step == 0
+
+
+def test_an_error_of_the_fit_leaves_no_step_in_flight(rng, ca):
+    x, y = data(rng, n=80)
+    (split,) = twins(1)
+
+    def boom(batch, logs):
+        if batch == 2:
+            raise RuntimeError("a callback failed")
+
+    def failing(client):
+        with pytest.raises(RuntimeError, match="a callback failed"):
+            client.fit(x, y, batch_size=8, shuffle=False, verbose=0, pipeline=4,
+                       callbacks=[keras.callbacks.LambdaCallback(on_train_batch_end=boom)])
+        return not client.transport._flight and (
+            client.transport._steps is None or client.transport._steps.in_flight == 0)
+
+    (clean,) = _over_grpc(split, ca, [failing])
+    assert clean

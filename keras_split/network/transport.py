@@ -231,6 +231,14 @@ class GrpcTransport(Transport):
                                    weights=[wire.encode(np.asarray(w)) for w in weights])
         return self._call(self._stub.Report, request).round
 
+    def abandon(self) -> None:
+        """Drop the stream with the steps in flight (their replies are never
+        read; the server may have applied some). The next step opens a new one."""
+        if self._flight:
+            self._flight.clear()
+            if self._steps is not None:
+                self._steps._drop()
+
     def close(self) -> None:
         self._flight.clear()
         if self._steps is not None:
