@@ -142,14 +142,15 @@ def ca():
     return certs.Authority()
 
 
-def _serve(split, ca):
+def _serve(split, ca, **options):
     pair = ca.issue("localhost")
     return SplitServer(split.server, LOSS, keras.optimizers.SGD(0.1), tokens={TOKEN: "a"},
-                       certificate=pair.certificate, private_key=pair.private_key).start()
+                       certificate=pair.certificate, private_key=pair.private_key,
+                       **options).start()
 
 
-def _over_grpc(split, ca, fits):
-    server = _serve(split, ca)
+def _over_grpc(split, ca, fits, **options):
+    server = _serve(split, ca, **options)
     try:
         client = SplitClient(split.client, server=f"127.0.0.1:{server.port}", token=TOKEN,
                              root_certificates=ca.pem)
@@ -254,3 +255,33 @@ def test_an_error_of_the_fit_leaves_no_step_in_flight(rng, ca):
 
     (clean,) = _over_grpc(split, ca, [failing])
     assert clean
+
+
+@pytest.mark.parametrize("drop_after", [1, 4])
+def test_a_dropped_stream_is_resent_and_answered_from_the_replay_window(rng, ca, drop_after):
+    """The stream is cancelled under four steps in flight: they go again on a
+    fresh stream, the server answers those it had applied from its replay
+    window and applies the rest; training equals the uninterrupted run."""
+    x, y = data(rng, n=96)
+    remote, local = twins(2)
+    local.fit(x, y, batch_size=8, shuffle=False, verbose=0, pipeline=4)
+    opened = []
+
+    def drop(client):
+        def cut(batch, logs):
+            if batch == drop_after:
+                client.transport._steps._call.cancel()
+        client.fit(x, y, batch_size=8, shuffle=False, verbose=0, pipeline=4,
+                   callbacks=[keras.callbacks.LambdaCallback(on_train_batch_end=cut)])
+        opened.append(client.transport._steps.opened)
+
+    _over_grpc(remote, ca, [drop], replay_window=4)
+    assert opened[0] >= 2  # a second stream carried the resent steps
+    for a, b in zip(remote.get_weights(), local.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_replay_window_must_be_positive(ca):
+    (split,) = twins(1)
+    with pytest.raises(ValueError, match="replay_window"):
+        _serve(split, ca, replay_window=0)

@@ -16,7 +16,9 @@ Protocol, per client:
    same status.
 3. Step numbers make retries safe: a step equal to the last applied one gets
    the cached reply (the optimizer moves exactly once); an older or skipped one
-   is refused with FAILED_PRECONDITION.
+   is refused with FAILED_PRECONDITION. With `replay_window=D`, the replies to
+   the last D steps are kept, so a pipelined client (`fit(pipeline=D)`) whose
+   stream dropped under D steps in flight can send them all again.
 
 TLS is on unless `insecure=True`. Clients authenticate with a bearer token
 (`authorization: Bearer <token>` metadata); with `client_ca`, the server also
@@ -52,6 +54,7 @@ Every event is logged on the `keras_split.server` logger, one line each
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import itertools
@@ -173,6 +176,13 @@ class SplitServer:
             run rounds of many client processes (round-robin, SplitFed).
         allowed_compression: names of the codecs clients may choose (see
             `keras_split_wire.codecs`); all of them by default. "none" is always allowed.
+        replay_window: replies kept per session to answer a resent step. 1 (the
+            default) answers the last step again, what a sequential client
+            needs; a client that keeps D steps in flight (`fit(pipeline=D)`)
+            resends up to D after its stream drops, which a window of D
+            answers without applying anything twice. Costs D replies (the cut
+            gradients of a batch each) of memory per session. A step the
+            window no longer holds is refused as stale, changing nothing.
 
     Example:
 
@@ -198,7 +208,8 @@ class SplitServer:
                  max_activation: float = MAX_ACTIVATION,
                  max_sample_weight: float = MAX_SAMPLE_WEIGHT,
                  allowed_compression=codecs.NAMES, checkpoint_dir=None,
-                 durable_checkpoints: bool = False, coordinator=None):
+                 durable_checkpoints: bool = False, coordinator=None,
+                 replay_window: int = 1):
         if not tokens and client_ca is None:
             raise ValueError(
                 "Clients must authenticate: pass `tokens` ({token: client_id}), or `client_ca` "
@@ -213,7 +224,8 @@ class SplitServer:
         for name, value in [("max_workers", max_workers),
                             ("max_concurrent_rpcs", max_concurrent_rpcs),
                             ("max_calls_per_client", max_calls_per_client),
-                            ("max_batch_size", max_batch_size)]:
+                            ("max_batch_size", max_batch_size),
+                            ("replay_window", replay_window)]:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, received {value!r}.")
         for name, limit in [("first_message_timeout", first_message_timeout),
@@ -242,6 +254,10 @@ class SplitServer:
         self.insecure = insecure
         self.max_calls_per_client = max_calls_per_client
         self.first_message_timeout = first_message_timeout
+        self.replay_window = replay_window
+        # Replies to the steps before each session's last (the last one is
+        # `Session.cached`), by session id: at most replay_window - 1 each.
+        self._replays: dict[str, collections.OrderedDict[int, pb.StepReply]] = {}
         self.coordinator = coordinator
         unknown = set(allowed_compression) - set(codecs.NAMES)
         if unknown:
@@ -436,6 +452,7 @@ class SplitServer:
 
     def _forget(self, session_id: str, why: str) -> None:
         logger.info("event=session.expired session=%s reason=%s", _short(session_id), why)
+        self._replays.pop(session_id, None)
         if self._store is not None:
             self._store.remove(session_id)
 
@@ -578,6 +595,7 @@ class SplitServer:
                     f"the session was opened with compression {session.codec.spec!r}, "
                     f"not {codec.spec!r}")
         with session.lock, self._model_lock:
+            self._replays.pop(request.resume_session, None)
             problem = session.resume_at(request.client_step)
             if problem:
                 _refuse(grpc.StatusCode.FAILED_PRECONDITION, f"cannot resume: {problem}")
@@ -649,6 +667,9 @@ class SplitServer:
         with session.lock:
             if request.step == session.last_step and session.cached is not None:
                 return session.cached  # a retransmission: answer again, apply nothing
+            replayed = self._replays.get(request.session_id, {}).get(request.step)
+            if replayed is not None and request.step < session.last_step:
+                return replayed  # a step resent from a pipeline: the same
             if request.step != session.last_step + 1:
                 _refuse(grpc.StatusCode.FAILED_PRECONDITION,
                         f"step {request.step} is stale or out of order; expected "
@@ -674,6 +695,12 @@ class SplitServer:
                     reply = self._handle(role, client_id, message)
                 encoded = wire.reply_to_pb(reply, session.codec)
                 previous = (session.last_step, session.last_train_step, session.cached)
+                if self.replay_window > 1 and session.cached is not None:
+                    kept = self._replays.setdefault(request.session_id,
+                                                    collections.OrderedDict())
+                    kept[session.last_step] = session.cached
+                    while len(kept) > self.replay_window - 1:
+                        kept.popitem(last=False)
                 session.last_step, session.cached = request.step, encoded
                 if message.mode == "train":
                     session.last_train_step = request.step

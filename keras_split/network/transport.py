@@ -164,19 +164,23 @@ class GrpcTransport(Transport):
         The first step after a pause (or on a new stream, or with no stream:
         an older server) goes as a plain `exchange`, with its retries.
 
-        Steps in flight are not retried: the server answers only its last step
-        again, so a link that fails with steps in flight raises
-        `LinkDownError` naming them, and a refused step raises its error from
-        its `result()` and loses the steps sent after it (the server ended the
-        stream at the refusal and never read them). Either way the transport
-        is left ready for new steps.
+        When the stream fails with steps in flight, they are sent again, in
+        order, on a fresh stream (with the usual retries): a server whose
+        `replay_window` covers them answers the ones it had applied from its
+        cache and applies the others, so nothing is applied twice. A server
+        with a smaller window (the default keeps one reply) refuses a step it
+        can no longer answer, changing nothing, and that step's `result()`
+        raises `LinkDownError` naming the steps lost. A refused step raises
+        its error from its `result()` and loses the steps sent after it (the
+        server ended the stream at the refusal and never read them). Either
+        way the transport is left ready for new steps.
         """
         quiet = time.monotonic() - self._last_reply > self._QUIET
         if self._steps is None or (not self._flight and (quiet or not self._steps_open())):
             return super().submit(message)
         request = self._request(message)
         self._steps.send(request)
-        pending = _InFlight(self, message.step, request.ByteSize())
+        pending = _InFlight(self, message.step, request)
         self._flight.append(pending)
         return pending
 
@@ -184,22 +188,24 @@ class GrpcTransport(Transport):
         return self._steps is not None and self._steps._call is not None
 
     def _receive(self, pending: _InFlight) -> Reply:
+        """The reply of the oldest step in flight (see `submit`)."""
         if not self._flight or self._flight[0] is not pending:
             raise RuntimeError("Read the results of submitted steps in the order they were "
                                "submitted.")
         assert self._steps is not None  # noqa: S101 - set while steps are in flight
-        try:
-            raw = self._steps.receive()
-        except ServerError as error:
-            lost = [p.step for p in self._flight]
+        if pending.raw is None and pending.error is None:
+            try:
+                pending.raw = self._steps.receive()
+            except rpc.LinkDownError as error:
+                self._resend(error)
+            except ServerError:
+                self._flight.clear()
+                raise
+        if pending.error is not None:
             self._flight.clear()
-            if isinstance(error, rpc.LinkDownError):
-                raise rpc.LinkDownError(
-                    f"{error} Steps {lost} were in flight and are lost: the server may "
-                    "have applied some of them, and answers only its last step again, so "
-                    "they cannot be resent. Restart the fit (or resume from a checkpoint)."
-                ) from None
-            raise
+            raise pending.error
+        raw = pending.raw
+        assert raw is not None  # noqa: S101 - set by receive() or _resend()
         self._flight.popleft()
         self._last_reply = time.monotonic()
         decoded = wire.reply_from_pb(raw, self._max_elements, self.codec)
@@ -210,6 +216,30 @@ class GrpcTransport(Transport):
                 f"The server answered step {decoded.step} to step {pending.step}; the "
                 "transport lost track of the conversation.")
         return decoded
+
+    def _resend(self, error: rpc.LinkDownError) -> None:
+        """After the stream failed with steps in flight: send those steps again,
+        in order, one exchange each on a fresh stream (with the usual retries).
+        A server whose `replay_window` holds them answers the ones it applied
+        from its cache and applies the rest; a step it can no longer answer
+        (or refuses) fails with that error, and the steps after it are lost."""
+        assert self._steps is not None  # noqa: S101
+        for index, pending in enumerate(self._flight):
+            if pending.raw is not None:
+                continue
+            try:
+                pending.raw = self._steps.exchange(pending.request)
+            except ServerError as again:
+                lost = [p.step for p in list(self._flight)[index:]]
+                if isinstance(again, rpc.RejectedError):
+                    pending.error = again
+                else:
+                    pending.error = rpc.LinkDownError(
+                        f"{error} Steps {lost} were in flight and sending them again "
+                        f"failed: {again} (a server keeps replies to resend for "
+                        "`replay_window` steps; give it at least the pipeline's depth). "
+                        "Restart the fit.")
+                return
 
     def turn(self, ready_for: int):
         """Ask the server's coordinator to train (see `keras_split.configurations.rounds`);
@@ -252,8 +282,11 @@ class GrpcTransport(Transport):
 class _InFlight(Pending):
     """A step written on the stream, its reply not yet read."""
 
-    def __init__(self, transport: GrpcTransport, step: int, sent: int):
-        self._transport, self.step, self.sent = transport, step, sent
+    def __init__(self, transport: GrpcTransport, step: int, request: Any):
+        self._transport, self.step, self.request = transport, step, request
+        self.sent = request.ByteSize()
+        self.raw: Any = None                  # the reply message, once read
+        self.error: BaseException | None = None
         self._received: Reply | None = None
 
     def result(self) -> Reply:
