@@ -285,3 +285,14 @@ def test_replay_window_must_be_positive(ca):
     (split,) = twins(1)
     with pytest.raises(ValueError, match="replay_window"):
         _serve(split, ca, replay_window=0)
+
+
+def test_a_client_objective_reports_its_logs_when_pipelined(rng):
+    from keras_split.privacy import NoPeek
+
+    x, y = data(rng)
+    model, cut = dense_model()
+    split = keras_split.split(model, cut)
+    split.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS, nopeek=NoPeek(alpha=0.5))
+    history = split.fit(x, y, batch_size=8, verbose=0, pipeline=3)
+    assert 0 <= history.history["nopeek_dcor"][0] <= 1
