@@ -296,3 +296,18 @@ def test_a_client_objective_reports_its_logs_when_pipelined(rng):
     split.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS, nopeek=NoPeek(alpha=0.5))
     history = split.fit(x, y, batch_size=8, verbose=0, pipeline=3)
     assert 0 <= history.history["nopeek_dcor"][0] <= 1
+
+
+def test_the_pipeline_at_depth_1_is_separate_train_step(rng):
+    x, y = data(rng)
+    piped, separate = twins(2)
+    steps = iter(range(1, 100))
+    pipe = protocol.Pipeline(piped.client_role, piped.transport, 1, lambda: next(steps))
+    for k, start in enumerate(range(0, len(x), 8)):
+        pipe.send(x[start:start + 8], y[start:start + 8], reset_metrics=k == 0)
+        done = pipe.take()
+        want, regularization = protocol.separate_train_step(
+            separate.client_role, separate.transport, k + 1, x[start:start + 8],
+            y[start:start + 8], reset_metrics=k == 0)
+        assert done.reply.logs == want.logs and done.regularization == regularization
+    assert_same(piped, separate)
