@@ -313,3 +313,24 @@ def test_an_interrupted_fit_resumes_only_with_the_same_arguments(tmp_path, rng):
         assert int(server.role.optimizer.iterations) == 2 * 5  # 3 before, 7 after
     finally:
         server.stop()
+
+
+def test_without_a_checkpoint_a_fit_with_other_arguments_starts_afresh(tmp_path, rng):
+    inputs = keras.Input((5,))
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Dense(4, name="cut")(inputs)))
+    split = keras_split.split(model, "cut")
+    x, y = rng.normal(size=(40, 5)).astype("float32"), rng.integers(0, 3, 40)
+    server = _small_server(split.server, tmp_path / "server").start()
+    try:
+        client = keras_split.SplitClient(split.client, server=f"127.0.0.1:{server.port}",
+                                         token=TOKEN, insecure=True)
+        client.compile(keras.optimizers.SGD(0.1))
+        client.fit(x, y, batch_size=8, epochs=2, seed=1, verbose=0,
+                   callbacks=[_InterruptAt(client, 2)])
+        assert client.interrupted
+        # Nothing on disk to resume from: another fit is a fit of its own, whole.
+        history = client.fit(x, y, batch_size=4, epochs=1, seed=1, verbose=0)
+        assert len(history.history["loss"]) == 1
+        assert int(server.role.optimizer.iterations) == 3 + 10
+    finally:
+        server.stop()

@@ -132,6 +132,13 @@ class SplitClient(trainer.LoopOwner):
         position, self._position = self._position, None
         if position is None:
             return None
+        if position["fingerprint"] != fingerprint and self.checkpoint_path is None:
+            # No checkpoint: the position is only this process's memory of a fit
+            # that ended in an error; a fit with other arguments starts afresh.
+            logger.info("The previous fit stopped at epoch %d, batch %d; this fit has other "
+                        "arguments, so it starts from the beginning.", position["epoch"] + 1,
+                        position["batch"] + 1)
+            return None
         if position["fingerprint"] != fingerprint:
             raise ValueError(
                 f"This client's checkpoint ({self.checkpoint_path}) stopped in a fit with "
