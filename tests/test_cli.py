@@ -355,3 +355,24 @@ def test_serve_options_for_many_clients(setup, tmp_path):
         make_server(setup["server"], "sparse_categorical_crossentropy", True, "adam", 1e-3,
                     [], group_steps=4, rounds={"mode": "sflv1"}, **options)
     assert cli.main(["serve", "--model", str(setup["server"]), "--max-concurrent-rpcs", "0"]) == 2
+
+
+def test_a_pipelined_client_trains_against_a_server_with_a_replay_window(setup, capsys,
+                                                                         tmp_path):
+    port = _free_port()
+    codes = _serve_and_run_client(
+        ["serve", "--model", str(setup["server"]), "--from-logits", "--insecure",
+         "--token-file", str(setup["tokens"]), "--address", f"127.0.0.1:{port}",
+         "--replay-window", "4"],
+        ["client", "--model", str(setup["client"]), "--server", f"127.0.0.1:{port}",
+         "--insecure", "--token", TOKEN, "--epochs", "1", "--batch-size", "16",
+         "--data", str(setup["data"]), "--pipeline", "4"])
+    out = capsys.readouterr().out
+    assert codes == {"client": 0, "server": 0}, out
+    assert "test: " in out
+    code = cli.main(["client", "--model", str(setup["client"]), "--server", "127.0.0.1:1",
+                     "--insecure", "--token", TOKEN, "--pipeline", "2",
+                     "--checkpoint-dir", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--pipeline above 1 keeps steps in flight" in err
+    assert "--checkpoint-dir" in err and "Traceback" not in err

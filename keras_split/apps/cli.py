@@ -252,6 +252,7 @@ def _serve(args) -> int:
         checkpoint_dir=args.checkpoint_dir, durable_checkpoints=args.durable_checkpoints,
         rounds=_rounds_options(args), max_concurrent_rpcs=args.max_concurrent_rpcs,
         max_workers=args.max_workers, group_steps=args.group_steps,
+        replay_window=args.replay_window,
     ).start()
     coordinator = server.coordinator
     until = "Ctrl-C to stop" if coordinator is None else \
@@ -294,7 +295,7 @@ def _client(args) -> int:
                  private_key=args.key, insecure=args.insecure, compression=args.compression,
                  checkpoint_dir=args.checkpoint_dir, seed=args.seed,
                  durable_checkpoints=args.durable_checkpoints, shard=args.shard,
-                 rounds=args.rounds, data=args.data, save=args.save)
+                 rounds=args.rounds, data=args.data, save=args.save, pipeline=args.pipeline)
     return 0
 
 
@@ -366,6 +367,10 @@ def _network_commands(commands) -> None:
     serve.add_argument("--group-steps", type=int, metavar="N",
                        help="run the training steps of up to N concurrent clients as one "
                             "server step on their concatenated activations (ParallelRole)")
+    serve.add_argument("--replay-window", type=int, default=1, metavar="D",
+                       help="replies kept per session to answer resent steps: give clients "
+                            "that pipeline D steps (--pipeline D) a window of D so a dropped "
+                            "link loses none (default 1)")
     serve.add_argument("--checkpoint-dir",
                        help="checkpoint after every step here, and resume from it on start")
     serve.add_argument("--durable-checkpoints", action="store_true",
@@ -418,6 +423,10 @@ def _network_commands(commands) -> None:
                              "resume after a crash or SIGTERM")
     client.add_argument("--durable-checkpoints", action="store_true",
                         help="fsync each checkpoint (survive power loss, not only a crash)")
+    client.add_argument("--pipeline", type=int, default=1, metavar="D",
+                        help="keep up to D training steps in flight, hiding the link's round "
+                             "trip (default 1: one at a time; 4 for links of tens of ms; see "
+                             "docs/network.md)")
     client.add_argument("--seed", type=int, default=0, help="seed of the shuffle (default 0)")
     client.add_argument("--shard", type=_shard, help="I/K: train on the I-th of K IID shares "
                                                      "of the data (one hospital of K)")
@@ -531,7 +540,8 @@ def _is_user_error(error: BaseException) -> bool:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("epochs", "batch_size", "max_concurrent_rpcs", "max_workers", "group_steps"):
+    for name in ("epochs", "batch_size", "max_concurrent_rpcs", "max_workers", "group_steps",
+                 "pipeline", "replay_window"):
         value = getattr(args, name, 1)
         value = 1 if value is None else value
         if value < 1:

@@ -172,7 +172,7 @@ def _check_fits(model: keras.Model, model_path, x, data_name) -> None:
 
 def train_client(model_path, server, token, epochs, batch_size, learning_rate, print_fn=print,
                  compression=None, checkpoint_dir=None, seed=0, shard=None, rounds=False,
-                 data=None, save=None, **options):
+                 data=None, save=None, pipeline=1, **options):
     """Train the client half on `data` (default: the shipped X-rays); resumable
     with `checkpoint_dir`.
 
@@ -181,8 +181,13 @@ def train_client(model_path, server, token, epochs, batch_size, learning_rate, p
     `.npz` (see `load_data`). `shard=(i, k)` trains on the i-th of k IID shares
     of the data (a hospital among k); `rounds=True` takes part in the server's
     rounds (`epochs` per turn) instead of a plain fit. `save`, a folder: write
-    the trained client half there as `client.keras`.
+    the trained client half there as `client.keras`. `pipeline`: training
+    steps in flight (see `SplitModel.fit`).
     """
+    if pipeline > 1 and (checkpoint_dir is not None or rounds):
+        raise ValueError("--pipeline above 1 keeps steps in flight, so the server runs ahead "
+                         "of any client checkpoint, and a round's turn is one fit: leave out "
+                         "--checkpoint-dir and --rounds to pipeline, or use --pipeline 1.")
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = load_data(data, print_fn)[0]
     source = SHIPPED_DATA if data is None else f"--data {data}"
     if shard is not None:
@@ -219,7 +224,8 @@ def train_client(model_path, server, token, epochs, batch_size, learning_rate, p
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: client.interrupt())
     try:
         client.fit(x_train, y_train, batch_size=batch_size, epochs=epochs,
-                   validation_data=(x_val, y_val), seed=seed, callbacks=[ByteCountProgbar()])
+                   validation_data=(x_val, y_val), seed=seed, callbacks=[ByteCountProgbar()],
+                   pipeline=pipeline)
     finally:
         if handle_sigterm:
             signal.signal(signal.SIGTERM, previous)
