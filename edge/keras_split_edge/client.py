@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keras_split_edge.link import ServerLink
+from keras_split_edge.link import ServerLink, evaluate_batches
 from keras_split_edge.runtime import ExportedModel, load, saved_progress
 from keras_split_wire.rpc import CredentialsError, LinkDownError, RejectedError, ServerError
 
@@ -288,13 +288,7 @@ class EdgeClient:
                 f"The server applied training step {self.progress['step'] + 1} before the "
                 f"device crashed; call fit with the same data and arguments to apply it here "
                 "too before evaluating.")
-        logs = {}
-        x, y = np.asarray(x), np.asarray(y)
-        for index, start in enumerate(range(0, len(x), batch_size)):
-            activations = self.model.infer([x[start:start + batch_size]])
-            _, logs = self.link.exchange("evaluate", activations, y[start:start + batch_size],
-                                         reset_metrics=index == 0)
-        return logs
+        return evaluate_batches(self.model, self.link, x, y, batch_size)
 
     def close(self):
         self.link.close()

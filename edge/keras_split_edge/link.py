@@ -250,4 +250,17 @@ class _Unanswered(Exception):
     """A probe's deadline passed before the server answered."""
 
 
-__all__ = ["LinkError", "ServerLink", "check_against_spec"]
+def evaluate_batches(model, link: ServerLink, x, y, batch_size: int) -> dict:
+    """The server's loss and metrics on (x, y): `model`'s inference-mode cut
+    activations, batch by batch, sent in "evaluate" mode (nothing trains); the
+    first batch resets the server's metrics. Returns the last reply's logs."""
+    logs: dict = {}
+    x, y = np.asarray(x), np.asarray(y)
+    for index, start in enumerate(range(0, len(x), batch_size)):
+        activations = model.infer([x[start:start + batch_size]])
+        _, logs = link.exchange("evaluate", activations, y[start:start + batch_size],
+                                reset_metrics=index == 0)
+    return logs
+
+
+__all__ = ["LinkError", "ServerLink", "check_against_spec", "evaluate_batches"]

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from keras_split_edge.link import ServerLink
+from keras_split_edge.link import ServerLink, evaluate_batches
 from keras_split_edge.runtime import ExportedModel, load
 
 
@@ -181,13 +181,7 @@ class RoundClient:
         inference-mode activations (`Step` in "evaluate" mode: nothing trains).
         Loads `weights` into the device; train the turn after, from them."""
         self.model.set_weights(weights)
-        logs = {}
-        x, y = np.asarray(x), np.asarray(y)
-        for index, start in enumerate(range(0, len(x), batch_size)):
-            activations = self.model.infer([x[start:start + batch_size]])
-            _, logs = self.link.exchange("evaluate", activations, y[start:start + batch_size],
-                                         reset_metrics=index == 0)
-        return logs
+        return evaluate_batches(self.model, self.link, x, y, batch_size)
 
     def close(self) -> None:
         self.link.close()
