@@ -453,7 +453,12 @@ def test_fuzzed_compressed_tensors_never_change_state(raw, tensor, codec):
         call("Step", request)
     except grpc.RpcError as error:
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
-        assert "activations[0]" in error.details()
+        # A valid tensor of another batch size (top-k keeping no value is a
+        # tensor of zeros) is refused for the labels' count, which it contradicts.
+        other_batch = list(tensor.shape)[:1] != [4]
+        assert "activations[0]" in error.details() or (
+            other_batch and "labels[0]" in error.details()
+            and "expected 2 samples first" in error.details()), error.details()
         _assert_unchanged(before, split)
 
 

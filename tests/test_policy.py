@@ -448,7 +448,13 @@ def test_in_process_a_refused_report_is_a_dropout(rng):
     # values), and it drops out of the round like a client whose link failed.
     diverged.get_weights = lambda: [np.full_like(w, np.nan) for w in trained()]
     history = fed.fit(shards, rounds=1, batch_size=8)
-    assert history == [{"round": 1, "dropped": [1], "clients": 1}]
+    (entry,) = history
+    counted = entry.pop("bytes")
+    assert entry == {"round": 1, "dropped": [1], "clients": 1}
+    # Both received the round's client half (35 float32 = 140 B); only client 0's
+    # trained half was taken back: the refused report sent nothing the round used.
+    assert [(counted[i]["handoff_down"], counted[i]["handoff_up"]) for i in (0, 1)] == [
+        (140, 140), (140, 0)]
     assert fed.policy.history[0].trained == [0]
     # FedAvg of client 0 alone is client 0's weights.
     assert _equal(split.client.get_weights(), fed.clients[0].client.get_weights())
