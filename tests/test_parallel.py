@@ -230,3 +230,54 @@ def test_steps_that_arrive_while_the_server_is_busy_form_one_group(rng):
     for k in range(3):
         np.testing.assert_allclose(results[0][k].gradients[0], d_z[k], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(_weights(role)[0], new_w, rtol=1e-5, atol=1e-7)
+
+
+def _stateful_half():
+    inp = keras.Input((6,), name="cut")
+    x = keras.layers.Dense(8, use_bias=False, name="dense")(inp)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.ReLU()(x)
+    return keras.Model(inp, keras.layers.Dense(3, name="logits")(x), name="stateful_half")
+
+
+def test_a_stateful_server_half_steps_on_the_group_as_on_its_concatenated_batch(rng):
+    # BatchNormalization (batch statistics, moving averages), Adam and a metric: the
+    # group's step is the ServerRole's step on the clients' rows put together.
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    grouped, alone = _stateful_half(), _stateful_half()
+    alone.set_weights(grouped.get_weights())
+    role = ParallelRole(ServerRole(grouped, keras.optimizers.Adam(0.01), loss,
+                                   metrics=["accuracy"]), window=30.0, max_group=3)
+    reference = ServerRole(alone, keras.optimizers.Adam(0.01), loss, metrics=["accuracy"])
+    batches = [(rng.normal(size=(n, 6)).astype("float32"), rng.integers(0, 3, n))
+               for n in (4, 2, 5)]
+    replies = _all_at_once(role, [_message(1, z, y) for z, y in batches])
+    want = reference.handle(_message(1, np.concatenate([z for z, _ in batches]),
+                                     np.concatenate([y for _, y in batches])))
+    rows = np.cumsum([0, 4, 2, 5])
+    assert role.groups == 1
+    for k, reply in enumerate(replies):
+        np.testing.assert_allclose(reply.gradients[0], want.gradients[0][rows[k]:rows[k + 1]],
+                                   rtol=1e-5, atol=1e-7)
+        assert reply.logs == pytest.approx(want.logs, rel=1e-5)
+    for a, b in zip(grouped.get_weights(), alone.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # moving statistics included
+    assert int(role.role.optimizer.iterations) == 1  # one Adam step for the group
+
+
+def test_a_hostile_member_cannot_poison_a_stateful_group(rng):
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model = _stateful_half()
+    role = ParallelRole(ServerRole(model, keras.optimizers.Adam(0.01), loss,
+                                   max_activation=1e38), window=30.0, max_group=3)
+    batches = [(rng.normal(size=(4, 6)).astype("float32"), rng.integers(0, 3, 4))
+               for _ in range(3)]
+    hostile = batches[1][0].copy()
+    hostile[0] = 1e30  # within max_activation; squares overflow in BatchNormalization
+    messages = [_message(1, z, y) for z, y in batches]
+    messages[1] = _message(1, hostile, batches[1][1])
+    replies = _all_at_once(role, messages)
+    assert isinstance(replies[1], ValueError) and role.retried == 1
+    assert all(not isinstance(replies[k], Exception) for k in (0, 2))
+    assert all(np.all(np.isfinite(w)) for w in model.get_weights())
+    assert int(role.role.optimizer.iterations) == 2  # the two honest clients, one each
