@@ -3,16 +3,19 @@
 The demo CNN's client half (cut "pool2") on the balanced PneumoniaMNIST
 subset. Three measurements:
 
-1. **The attack** (`feature_space_hijacking`, no detector): the client trains
-   on its private half of the training images (Adam, batch 64) against a
-   `HijackingServer` that holds the other half as its public data. Every
-   `--eval-every` steps: the reconstruction MSE of the 468 test images from
-   their cut activations, against the mean public image. Prints the curve,
-   the step where the MSE has halved and the step where it beats the mean
-   image.
+1. **The attack** (`feature_space_hijacking`, no detector), per seed: the
+   client trains on its private half of the training images (Adam 1e-4,
+   batch 64) against a `HijackingServer` (Adam 1e-3, WGAN-GP penalty 10)
+   that holds the other half as its public data. By default the server
+   supplied the model (`knows_weights=True`: its pilot starts from the
+   client's initial weights); `--blind` runs a server that did not, once.
+   Every `--eval-every` steps: the reconstruction MSE of the 468 test images
+   from their cut activations, against the mean public image. Prints the
+   curve of the first seed, and per seed the step where the MSE has halved
+   and the step where it beats the mean image.
 2. **Detection**: the same runs with a `HijackDetector` (`--probability`,
-   first check at the first step after `--warmup`), over `--seeds` seeds:
-   the detection step, next to the attack's halving step.
+   first check at the first step after `--warmup`): the detection step, next
+   to the same seed's halving step without the detector.
 3. **False positives**: honest servers (the demo CNN's server half, Adam
    1e-3, its running metrics) trained `--honest-epochs` epochs on the whole
    balanced training set with a check at *every* step, over `--seeds` seeds:
@@ -23,7 +26,8 @@ subset. Three measurements:
 Target (issue 11): the detector flags the hijacking server before its
 reconstruction MSE halves, with at most 1 % false positives over honest runs.
 
-    python benchmarks/hijack.py [--steps 4000] [--seeds 5] [--figure hijack.png]
+    python benchmarks/hijack.py [--steps 1500] [--seeds 5] [--warmup 100] [--blind]
+        [--figure hijack.png] [--grid hijack_grid.png]
 """
 
 import argparse
@@ -56,13 +60,22 @@ def client(seed):
 
 
 def attack(private, public, x_test, steps, eval_every, seed, detector=None, labels=None,
-           client_lr=1e-4):
+           client_lr=1e-4, knows_weights=True):
     model = client(seed)
-    server = HijackingServer(public, client=model, seed=seed)
+    server = HijackingServer(public, client=model, knows_weights=knows_weights, seed=seed)
     return feature_space_hijacking(
         model, private, public, x_test, steps=steps, batch_size=BATCH,
         optimizer=keras.optimizers.Adam(client_lr), eval_every=eval_every, server=server,
         detector=detector, labels=labels, seed=seed)
+
+
+def curve(result, title):
+    print(title)
+    print("| client step | " + " | ".join(str(s) for s in result.steps) + " |")
+    print("|---|" + "---:|" * len(result.steps))
+    print("| reconstruction MSE | " + " | ".join(f"{m:.4f}" for m in result.mse) + " |")
+    print(f"(mean public image: MSE {result.baseline_mse:.4f}; MSE halved at step "
+          f"{result.halved_at}; below the mean image from step {result.below_baseline_at})")
 
 
 def honest(x, y, x_test, y_test, epochs, seed, probability):
@@ -88,12 +101,14 @@ def honest(x, y, x_test, y_test, epochs, seed, probability):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=4000)
-    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--probability", type=float, default=0.05)
     parser.add_argument("--warmup", type=int, default=0)
     parser.add_argument("--honest-epochs", type=int, default=10)
+    parser.add_argument("--blind", action="store_true",
+                        help="also run the attack by a server that did not supply the model")
     parser.add_argument("--figure", default=None, help="save the attack's curve (matplotlib)")
     parser.add_argument("--grid", default=None, help="save the reconstructions (matplotlib)")
     args = parser.parse_args()
@@ -106,16 +121,13 @@ def main():
     private, public = x[order[:half]], x[order[half:]]
     private_y = y[order[:half]]
 
-    result = attack(private, public, x_test, args.steps, args.eval_every, seed=0)
-    print(f"1. Feature-space hijacking, demo CNN cut at {CUT!r}: the client trains on "
-          f"{len(private)} private X-rays (Adam 1e-4, batch {BATCH}); the server holds "
-          f"{len(public)} others; MSE of the {len(x_test)} test images' reconstructions")
-    print("| client step | reconstruction MSE |")
-    print("|---:|---:|")
-    for step, mse in zip(result.steps, result.mse, strict=True):
-        print(f"| {step} | {mse:.4f} |")
-    print(f"(mean public image: MSE {result.baseline_mse:.4f}; MSE halved at step "
-          f"{result.halved_at}; below the mean image from step {result.below_baseline_at})")
+    runs = [attack(private, public, x_test, args.steps, args.eval_every, seed=seed)
+            for seed in range(args.seeds)]
+    result = runs[0]
+    curve(result, f"1. Feature-space hijacking by a server that supplied the model, demo CNN cut "
+          f"at {CUT!r}: the client trains on {len(private)} private X-rays (Adam 1e-4, batch "
+          f"{BATCH}); the server holds {len(public)} others; MSE of the {len(x_test)} test "
+          "images' reconstructions, seed 0")
     if args.figure:
         result.plot().savefig(args.figure, dpi=120)
     if args.grid:
@@ -123,12 +135,18 @@ def main():
         InversionResult(mse=result.mse[-1], ssim=None, baseline_mse=result.baseline_mse,
                         baseline_ssim=None, originals=result.originals,
                         reconstructions=result.reconstructions).plot().savefig(args.grid, dpi=120)
+    if args.blind:
+        curve(attack(private, public, x_test, args.steps, args.eval_every, seed=0,
+                     knows_weights=False),
+              "\n1b. The same attack by a server that did not supply the model (a fresh pilot), "
+              "seed 0")
 
     print(f"\n2. Detection (probability {args.probability}, first check after {args.warmup} "
-          "steps), one run per seed")
-    print("| seed | detected at step | score | attack's MSE then | MSE halves at (no detector) |")
-    print("|---:|---:|---:|---:|---:|")
-    for seed in range(args.seeds):
+          "steps), one run per seed, beside the same seed's attack without the detector")
+    print("| seed | detected at step | score | attack's MSE then | MSE halves at (no detector) "
+          "| beats the mean image at | best MSE (no detector) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for seed, run in enumerate(runs):
         detected = attack(private, public, x_test, args.steps, args.eval_every, seed=seed,
                           labels=private_y, detector={"num_classes": 2,
                                                       "probability": args.probability,
@@ -136,7 +154,7 @@ def main():
         check = detected.checks[-1] if detected.checks else None
         print(f"| {seed} | {detected.detected_at} | "
               f"{'-' if check is None else f'{check.score:.3f}'} | {detected.mse[-1]:.4f} | "
-              f"{result.halved_at} |")
+              f"{run.halved_at} | {run.below_baseline_at} | {min(run.mse):.4f} |")
 
     print(f"\n3. Honest servers, a check at every step, {args.honest_epochs} epochs on "
           f"{len(x)} X-rays, batch {BATCH}")

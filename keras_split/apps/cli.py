@@ -167,6 +167,7 @@ def _audit(args) -> int:
           "samples\n")
     audit(split, x, y, x_test, batch_size=args.batch_size,
           inversion_epochs=args.inversion_epochs, hijack_steps=args.hijack_steps,
+          hijack_knows_weights=not args.hijack_blind,
           num_classes=max(2, classes), seed=args.seed)
     return 0
 
@@ -478,6 +479,9 @@ def _audit_command(commands) -> None:
                        help="the inverse network's training epochs (default 30)")
     audit.add_argument("--hijack-steps", type=int, default=0,
                        help="also run a hijacking server this many steps (default 0: skip)")
+    audit.add_argument("--hijack-blind", action="store_true",
+                       help="the hijacking server did not supply the model (its pilot starts "
+                            "from fresh weights; by default it starts from the client's)")
     audit.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     audit.set_defaults(run=_audit)
 

@@ -603,7 +603,8 @@ class AuditReport:
 def audit(split, x, y, x_test, *, batch_size: int = 32, cut_gradients: CutGradients | None = None,
           label_epochs: int = 1, positive=1, inversion_samples: int | None = 2000,
           inversion_epochs: int = 30, dcor_batch_size: int = 128, hijack_steps: int = 0,
-          num_classes: int | None = None, seed: int | None = 0,
+          hijack_knows_weights: bool = True, num_classes: int | None = None,
+          seed: int | None = 0,
           print_fn: Callable[[str], None] | None = print) -> AuditReport:
     """Run every attack on a trained split and print one table (attack, metric, value, baseline).
 
@@ -621,10 +622,12 @@ def audit(split, x, y, x_test, *, batch_size: int = 32, cut_gradients: CutGradie
     4. With `hijack_steps > 0`, feature-space hijacking: a copy of the
        client (yours is not touched) trains `hijack_steps` steps on half of
        `x` against a `HijackingServer` holding the other half as public
-       data; the reconstruction MSE of `x_test` against the mean public
-       image. Then a fresh copy trains against it again behind a
-       `HijackDetector`: the step it flags the server at (baseline: the
-       step the attack's MSE had halved). Needs class labels in `y`.
+       data (by default one that supplied the model, so its pilot starts
+       from the client's weights: the stronger attack); the reconstruction
+       MSE of `x_test` against the mean public image. Then a fresh copy
+       trains against it again behind a `HijackDetector`: the step it flags
+       the server at (baseline: the step the attack's MSE had halved).
+       Needs class labels in `y`.
 
     Args:
         split: a compiled, trained `SplitModel` (its `client` half and `transport`).
@@ -635,6 +638,8 @@ def audit(split, x, y, x_test, *, batch_size: int = 32, cut_gradients: CutGradie
         dcor_batch_size: the dCor measurement.
         hijack_steps, num_classes: the hijacking run (classes default to
             the largest label + 1).
+        hijack_knows_weights: the hijacker supplied the model (False: its
+            pilot starts from fresh weights).
         seed: the shuffles of the extra training epoch and of the inversion sample.
         print_fn: where the table goes (None: not printed).
 
@@ -673,14 +678,15 @@ def audit(split, x, y, x_test, *, batch_size: int = 32, cut_gradients: CutGradie
     hijack = None
     if hijack_steps > 0:
         hijack = _hijack_rows(split.client, x, np.asarray(y), x_test, hijack_steps, batch_size,
-                              num_classes, seed, rows)
+                              num_classes, seed, rows, hijack_knows_weights)
     report = AuditReport(rows=rows, inversion=inversion, label=label, dcor=dcor, hijack=hijack)
     if print_fn is not None:
         print_fn(str(report))
     return report
 
 
-def _hijack_rows(client, x, y, x_test, steps, batch_size, num_classes, seed, rows):
+def _hijack_rows(client, x, y, x_test, steps, batch_size, num_classes, seed, rows,
+                 knows_weights):
     from keras_split.privacy.hijack import feature_space_hijacking
 
     def copy():
@@ -693,10 +699,11 @@ def _hijack_rows(client, x, y, x_test, steps, batch_size, num_classes, seed, row
     classes = num_classes or int(_classes(y).max()) + 1
     eval_every = max(1, steps // 10)
     attack = feature_space_hijacking(copy(), x[private], x[public], x_test, steps=steps,
-                                     batch_size=batch_size, eval_every=eval_every, seed=seed)
+                                     batch_size=batch_size, eval_every=eval_every, seed=seed,
+                                     knows_weights=knows_weights)
     guarded = feature_space_hijacking(copy(), x[private], x[public], x_test, steps=steps,
                                       batch_size=batch_size, eval_every=eval_every, seed=seed,
-                                      labels=y[private],
+                                      knows_weights=knows_weights, labels=y[private],
                                       detector={"num_classes": max(2, classes), "seed": seed})
     rows.append(AuditRow("feature-space hijacking", f"MSE after {steps} steps (lower leaks more)",
                          attack.mse[-1], attack.baseline_mse))
