@@ -11,12 +11,21 @@ For each model, in one run, alternating so that machine drift hits all alike:
 - split (messages): `InProcessTransport(fused=False)`, one message per step
   (`tf.py_function` at the cut, copies to numpy and back, a second call).
 
+`--anatomy` times one compiled call per step instead (the batch already a
+tensor, best of 5 x 300 calls, no `fit` loop around it) for the demo CNN:
+the unsplit step; the split step as shipped (the server's refusal checks
+and both conditional updates); the same two halves in one graph with the
+server's checks but no condition on the client's side; and with no checks
+or conditions at all (two tapes, two optimizers: the split's structure
+alone). It shows where the in-process gap comes from.
+
 Two models: the demo chest-X-ray CNN (28x28x1, cut "pool2"; per-step overhead
 dominates) and a mid-sized residual CNN (64x64x3, cut after its second block).
 Prints samples/s (median of `--runs`) and each split path's ratio to the
 fused unsplit step (target from issue 15: at least 0.95).
 
     python benchmarks/throughput.py [--runs 5] [--epochs 3] [--batch-size 64]
+    python benchmarks/throughput.py --anatomy
 """
 
 import argparse
@@ -134,16 +143,103 @@ def measure(name, build, cut, x, y, args):
           "(target >= 0.95)\n")
 
 
+def anatomy(x, y, batch_size, repeats=5, calls=300):
+    """Milliseconds per compiled call: unsplit, split as shipped, and split with parts removed."""
+    from keras_split.messages import Activations
+    from keras_split.roles import ClientRole
+
+    xb, yb = tf.constant(x[:batch_size]), tf.constant(y[:batch_size])
+    keras.utils.set_random_seed(0)
+    model, optimizer, loss_fn = build_demo_cnn(), keras.optimizers.Adam(1e-3), demo_loss()
+    mean, accuracy = keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()
+
+    @tf.function
+    def unsplit(bx, by):
+        with tf.GradientTape() as tape:
+            logits = model(bx, training=True)
+            loss = loss_fn(by, logits)
+        optimizer.apply(tape.gradient(loss, model.trainable_variables),
+                        model.trainable_variables)
+        mean.update_state(loss)
+        accuracy.update_state(by, logits)
+        return mean.result(), accuracy.result()
+
+    def split_step(mode):
+        keras.utils.set_random_seed(0)
+        split = keras_split.split(build_demo_cnn(), "pool2")
+        server = ServerRole(split.server, keras.optimizers.Adam(1e-3), demo_loss(),
+                            metrics=["accuracy"])
+        client = ClientRole(split.client, keras.optimizers.Adam(1e-3))
+        client.build()
+        message = Activations(1, "train", (np.empty((batch_size, 0), np.float32),),
+                              labels=y[:batch_size])
+        client.fused_step(x[:batch_size], server, message)  # builds both sides
+        if mode == "shipped":
+            return client._fused[id(server)]
+
+        def step(bx, labels, weights):
+            with tf.GradientTape() as tape:
+                activations, regularization = client._forward_fn(bx)
+            sent = [tf.stop_gradient(a) for a in activations]
+            if mode == "checks":
+                *_, cut, logs = server._train_fn(sent, labels, weights)
+            else:
+                with tf.GradientTape() as inner:
+                    inner.watch(sent)
+                    y_pred = server.model(sent[0], training=True)
+                    loss = server.model.compute_loss(x=None, y=labels, y_pred=y_pred,
+                                                     training=True)
+                variables = server.model.trainable_variables
+                grads = inner.gradient(loss, sent + list(variables))
+                cut = grads[:len(sent)]
+                server.model.optimizer.apply(grads[len(sent):], variables)
+                server.loss_tracker.update_state(loss)
+                logs = server._logs(labels, y_pred, weights)
+            client._apply_fn(client._variable_gradients(tape, activations, regularization, cut))
+            return logs
+
+        return tf.function(step)
+
+    calls_by_name = {"unsplit step": lambda: unsplit(xb, yb)}
+    for name, mode in [("split step, as shipped", "shipped"),
+                       ("split, the server's checks, no client condition", "checks"),
+                       ("split, no checks, no conditions", "bare")]:
+        function = split_step(mode)
+        calls_by_name[name] = lambda f=function: f(xb, yb, None)
+    best = dict.fromkeys(calls_by_name, float("inf"))
+    for _ in range(repeats):  # alternating, so drift hits all alike
+        for name, call in calls_by_name.items():
+            for _ in range(20):
+                call()
+            start = time.perf_counter()
+            for _ in range(calls):
+                call()
+            best[name] = min(best[name], (time.perf_counter() - start) / calls * 1e3)
+    limit = best["unsplit step"]
+    print(f"demo CNN, batch {batch_size}: one compiled call per step, best of {repeats} x "
+          f"{calls} calls")
+    print("| call | ms per step | unsplit / this |")
+    print("|---|---:|---:|")
+    for name, ms in best.items():
+        print(f"| {name} | {ms:.3f} | {limit / ms:.3f} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--only", choices=["demo", "residual"], default=None)
+    parser.add_argument("--anatomy", action="store_true",
+                        help="time one compiled call per step, with parts of the split "
+                             "step removed (demo CNN)")
     args = parser.parse_args()
     tf.get_logger().setLevel("ERROR")
     (x, y), _, _ = keras_split.datasets.load_pneumoniamnist_balanced()
     y = y.reshape(-1)
+    if args.anatomy:
+        anatomy(x, y, args.batch_size)
+        return
     if args.only in (None, "demo"):
         measure("demo CNN (28x28x1, cut pool2)", build_demo_cnn, "pool2", x, y, args)
     if args.only in (None, "residual"):
