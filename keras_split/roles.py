@@ -172,17 +172,32 @@ class ClientRole:
             own_loss = regularization
             if self.objective is not None:
                 own_loss, logs = self._objective_fn(x, activations, regularization)
-        cut_gradients = tf.py_function(
-            self._deliver, [key, *activations], Tout=[a.dtype for a in activations]
-        )
+        delivered = tf.py_function(
+            self._deliver, [key, *activations],
+            Tout=[tf.bool] + [a.dtype for a in activations])
+        answered, cut_gradients = delivered[0], delivered[1:]
+        answered.set_shape(())
         for gradient, activation in zip(cut_gradients, activations, strict=True):
             gradient.set_shape(activation.shape)
-        self._apply_fn(self._variable_gradients(tape, activations, own_loss, cut_gradients))
+        gradients = self._variable_gradients(tape, activations, own_loss, cut_gradients)
+
+        def apply():
+            self._apply_fn(gradients)
+            return tf.constant(True)
+
+        # A refused or failed exchange returns normally, unanswered: the update
+        # is skipped here and `step` raises the error once the call is over.
+        # (Raising inside the py_function would make TensorFlow log the Python
+        # traceback at WARNING before the caller saw the clean error.)
+        tf.cond(answered, apply, lambda: tf.constant(False))
         return regularization, logs
 
     def _deliver(self, key, *activations):
         send = self._sends[int(key)]
-        return send(tuple(a.numpy() for a in activations))
+        gradients = send(tuple(a.numpy() for a in activations))
+        if gradients is None:  # unanswered: `send` kept the error for `step`
+            return [False] + [np.zeros(a.shape, a.dtype.as_numpy_dtype) for a in activations]
+        return [True, *gradients]
 
     def build(self) -> None:
         if self.optimizer is not None and not self.optimizer.built:
@@ -218,15 +233,15 @@ class ClientRole:
             try:
                 if not all(_finite(a) for a in activations):
                     outcome["diverged"] = True
-                    raise FloatingPointError("The client's activations at the cut are not "
-                                             "finite: its half of the model diverged.")
+                    return None  # nothing is sent: a server refuses them
                 reply = send(activations)
                 outcome["reply"] = reply
                 return check_gradients(reply.gradients, activations)
             except BaseException as error:
-                # Kept so the caller sees this error, not TensorFlow's wrapper of it.
+                # Kept so the caller sees this error, once the compiled call has
+                # returned without applying anything.
                 outcome["error"] = error
-                raise
+                return None
 
         self._sends[key] = deliver
         kept = self._keep_state() if self._state else []
@@ -234,8 +249,6 @@ class ClientRole:
             regularization, logs = self._step(tf.constant(key, tf.int64), x)
         except tf.errors.OpError:
             self._put_back_state(kept)
-            if outcome.get("diverged"):
-                return Reply(step=-1, logs={"loss": float("nan")}), float("nan")
             if "error" in outcome:
                 raise outcome["error"] from None
             raise
@@ -244,6 +257,13 @@ class ClientRole:
             raise
         finally:
             del self._sends[key]
+        if outcome.get("diverged") or "error" in outcome:
+            # Unanswered: no update was applied; what the forward pass wrote
+            # (BatchNormalization's statistics) is put back.
+            self._put_back_state(kept)
+            if "error" in outcome:
+                raise outcome["error"]
+            return Reply(step=-1, logs={"loss": float("nan")}), float("nan")
         reply = outcome["reply"]
         if logs:
             reply = replace(

@@ -145,3 +145,42 @@ def test_server_error_surfaces_unwrapped_and_client_unchanged(rng):
         client.step(models.inputs_for(model, 4, rng), wrong_shape)
     for a, b in zip(before, split.client.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+    assert int(client.optimizer.iterations) == 0  # no update of the optimizer either
+
+
+REFUSED_STEP = """
+import keras, numpy as np, keras_split
+from keras_split.roles import ServerRole
+from keras_split.transport import InProcessTransport
+inputs = keras.Input((6,))
+hidden = keras.layers.Dense(4, activation="relu", name="cut")(inputs)
+model = keras.Model(inputs, keras.layers.Dense(2, name="head")(hidden))
+split = keras_split.split(model, "cut")
+server = ServerRole(split.server, "sgd",
+                    keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+split.compile(optimizer="sgd", transport=InProcessTransport(server, fused=False))
+x, y = np.ones((8, 6), "float32"), np.array([0, 1] * 4)
+split.fit(x, y, batch_size=4, verbose=0)
+y[3] = 7
+try:
+    split.fit(x, y, batch_size=4, verbose=0)
+except ValueError as error:
+    print("REFUSED:", error)
+"""
+
+
+def test_a_refused_step_logs_no_tensorflow_traceback_before_its_error():
+    """On the message path the exchange runs inside the client's compiled call
+    (a py_function); a refusal there must reach the user as the server's clean
+    error alone, not after TensorFlow's WARNING log of a Python traceback."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0"}  # TensorFlow's own default
+    result = subprocess.run([sys.executable, "-c", REFUSED_STEP], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "REFUSED: `labels` must hold class indices in [0, 2)" in result.stdout
+    assert "Traceback" not in result.stderr and "INVALID_ARGUMENT" not in result.stderr, \
+        result.stderr[-2000:]
