@@ -53,6 +53,37 @@ def test_coordinator_rules_by_hand():
     assert fed.finished and np.allclose(fed.weights[0], (1.0 * 10 + 4.0 * 30) / 40)
 
 
+def test_listeners_hear_every_change_and_only_changes():
+    """What the asyncio server waits on instead of polling: a callback after
+    each change of the coordinator's state (a join, a turn taken, a report,
+    a drop), none for a call that changes nothing."""
+    now = [0.0]
+    weights = [np.zeros(2, "float32")]
+    rr = RoundCoordinator(weights, "round_robin", rounds=2, clients=2, turn_timeout=10,
+                          poll=0.05, clock=lambda: now[0])
+    heard = []
+    stop = rr.listen(lambda: heard.append(rr.round))
+    assert rr.seconds_to_expiry() is None  # nobody is due before the first round
+    rr.join("a")
+    assert len(heard) == 1
+    rr.join("a")
+    assert len(heard) == 1  # already a member: nothing changed, nobody is woken
+    rr.turn("b", 1, wait=0.0)  # b joins; the round starts; a's turn is open
+    after_b = len(heard)
+    assert after_b >= 2
+    assert rr.turn("b", 1, wait=0.0)[0] is False and len(heard) == after_b
+    assert rr.seconds_to_expiry() == pytest.approx(10.0)  # a has 10 s to claim its turn
+    now[0] = 4.0
+    assert rr.turn("a", 1, wait=0.0)[0] and len(heard) == after_b + 1
+    rr.report("a", 1, [np.ones(2, "float32")], 3)
+    assert len(heard) == after_b + 2
+    now[0] = 30.0
+    assert rr.expire() == ["b"] and len(heard) == after_b + 3  # b's turn ran out
+    stop()
+    rr.turn("b", 2, wait=0.0)
+    assert len(heard) == after_b + 3  # removed: no more calls
+
+
 def _start(folder, port, index):
     command = [sys.executable, str(HERE / "round_client.py"), str(folder / "client.keras"),
                str(folder / f"data{index}.npz"), str(port), f"t{index}"]

@@ -145,6 +145,7 @@ class RoundCoordinator:
                                   max_weight)
         self.server, self.poll, self.clock = server, poll, clock
         self._lock = threading.Condition()
+        self._listeners: list[Callable[[], None]] = []
 
     # What the policy holds, read as before.
     mode = property(lambda self: self.policy.mode)
@@ -209,6 +210,29 @@ class RoundCoordinator:
         with self._lock:
             return self._apply(self.policy.expire, self.clock())
 
+    def listen(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback()` after every change of the policy's state, when
+        `turn` calls blocked in this process are woken; for drivers that cannot
+        block a thread, such as an asyncio server. It runs in the thread that
+        made the change, under the coordinator's lock: it must only schedule
+        work (`loop.call_soon_threadsafe`), never call the coordinator.
+        Returns a function that removes it."""
+        with self._lock:
+            self._listeners.append(callback)
+
+        def remove() -> None:
+            with self._lock:
+                if callback in self._listeners:
+                    self._listeners.remove(callback)
+
+        return remove
+
+    def seconds_to_expiry(self) -> float | None:
+        """Seconds until `expire` would drop someone (None: nobody is due)."""
+        with self._lock:
+            due = self.policy.next_expiry()
+            return None if due is None else max(due - self.clock(), 0.0)
+
     # -- checkpoints ---------------------------------------------------------------
 
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:
@@ -269,3 +293,5 @@ class RoundCoordinator:
                     if self.server is not None and ended.counts:  # SFLv1: the server copies too
                         self.server.average(ended.counts)
                 self._lock.notify_all()
+                for callback in list(self._listeners):
+                    callback()

@@ -758,12 +758,28 @@ class SplitServer:
         coordinator = self._coordinator()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + coordinator.poll
-        # An asyncio wait: a client waiting for its turn holds no thread.
-        while True:
-            go, round_, weights, finished = coordinator.turn(client_id, request.round, wait=0.0)
-            if go or finished or loop.time() >= deadline:
-                break
-            await asyncio.sleep(min(0.05, max(deadline - loop.time(), 0)))
+        # An asyncio wait: a client waiting for its turn holds no thread. It
+        # wakes when the coordinator's state changes (another client reports,
+        # joins or is dropped) or when someone's time runs out, whichever is
+        # first; listening starts before the first look, so no change is missed.
+        changed = asyncio.Event()
+        stop = coordinator.listen(lambda: loop.call_soon_threadsafe(changed.set))
+        try:
+            while True:
+                changed.clear()
+                go, round_, weights, finished = coordinator.turn(client_id, request.round,
+                                                                 wait=0.0)
+                left = deadline - loop.time()
+                if go or finished or left <= 0:
+                    break
+                due = coordinator.seconds_to_expiry()
+                try:
+                    await asyncio.wait_for(changed.wait(),
+                                           left if due is None else min(left, max(due, 0.01)))
+                except TimeoutError:
+                    pass
+        finally:
+            stop()
         if go:
             logger.info("event=turn.started client=%s round=%d", client_id, round_)
             await self._in_worker(self._save_locked)
