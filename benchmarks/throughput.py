@@ -64,8 +64,9 @@ def residual_cnn(input_shape=(64, 64, 3), num_classes=2):
     return keras.Model(inputs, outputs, name="residual_cnn")
 
 
-def fused_unsplit(build, x, y, batch_size, epochs):
-    model, optimizer, loss_fn = build(), keras.optimizers.Adam(1e-3), demo_loss()
+def unsplit_step(model):
+    """The whole model's forward, backward and Adam update as one compiled call."""
+    optimizer, loss_fn = keras.optimizers.Adam(1e-3), demo_loss()
     mean, accuracy = keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()
 
     @tf.function(reduce_retracing=True)
@@ -78,6 +79,12 @@ def fused_unsplit(build, x, y, batch_size, epochs):
         mean.update_state(loss)
         accuracy.update_state(by, logits)
         return mean.result(), accuracy.result()
+
+    return step
+
+
+def fused_unsplit(build, x, y, batch_size, epochs):
+    step = unsplit_step(build())
 
     def train(count):
         for _ in range(count):
@@ -150,19 +157,7 @@ def anatomy(x, y, batch_size, repeats=5, calls=300):
 
     xb, yb = tf.constant(x[:batch_size]), tf.constant(y[:batch_size])
     keras.utils.set_random_seed(0)
-    model, optimizer, loss_fn = build_demo_cnn(), keras.optimizers.Adam(1e-3), demo_loss()
-    mean, accuracy = keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()
-
-    @tf.function
-    def unsplit(bx, by):
-        with tf.GradientTape() as tape:
-            logits = model(bx, training=True)
-            loss = loss_fn(by, logits)
-        optimizer.apply(tape.gradient(loss, model.trainable_variables),
-                        model.trainable_variables)
-        mean.update_state(loss)
-        accuracy.update_state(by, logits)
-        return mean.result(), accuracy.result()
+    unsplit = unsplit_step(build_demo_cnn())
 
     def split_step(mode):
         keras.utils.set_random_seed(0)
