@@ -131,10 +131,7 @@ def main():
     if args.figure:
         result.plot().savefig(args.figure, dpi=120)
     if args.grid:
-        from keras_split.privacy.attacks import InversionResult
-        InversionResult(mse=result.mse[-1], ssim=None, baseline_mse=result.baseline_mse,
-                        baseline_ssim=None, originals=result.originals,
-                        reconstructions=result.reconstructions).plot().savefig(args.grid, dpi=120)
+        result.plot_reconstructions().savefig(args.grid, dpi=120)
     if args.blind:
         curve(attack(private, public, x_test, args.steps, args.eval_every, seed=0,
                      knows_weights=False),

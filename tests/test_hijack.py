@@ -200,6 +200,9 @@ def test_feature_space_hijacking_reports_the_curve_and_the_detection():
     assert result.steps == [0, 2, 4, 6] and len(result.mse) == 4
     assert result.detected_at is None and result.checks == []
     assert result.baseline_mse > 0 and result.reconstructions.shape == (8, 8, 8, 1)
+    grid = result.plot_reconstructions(4)
+    assert grid._suptitle.get_text().startswith("Feature-space hijacking, after 6 client steps")
+    assert len(grid.axes) == 8  # 4 originals above their 4 reconstructions
     detected = feature_space_hijacking(keras_split.split(small_cnn()[0], cut).client, x,
                                        _images(64), steps=6, batch_size=16, labels=y,
                                        detector={"num_classes": 3, "seed": 0})

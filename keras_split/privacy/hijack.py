@@ -48,7 +48,13 @@ import numpy as np
 import tensorflow as tf
 
 from keras_split.messages import Activations, Reply
-from keras_split.privacy.attacks import _cut_activations, _pyplot, _rows, inversion_decoder
+from keras_split.privacy.attacks import (
+    InversionResult,
+    _cut_activations,
+    _pyplot,
+    _rows,
+    inversion_decoder,
+)
 from keras_split.privacy.defences import (
     _entropy,
     _step_rng,
@@ -434,6 +440,16 @@ class HijackResult:
         axis.set_ylabel("MSE")
         axis.legend()
         figure.tight_layout()
+        return figure
+
+    def plot_reconstructions(self, n: int = 8):
+        """Held-out originals above the hijacker's last reconstructions of them. Returns
+        the figure."""
+        figure = InversionResult(
+            mse=self.mse[-1], ssim=None, baseline_mse=self.baseline_mse, baseline_ssim=None,
+            originals=self.originals, reconstructions=self.reconstructions).plot(n)
+        figure.suptitle(f"Feature-space hijacking, after {self.steps[-1]} client steps: MSE "
+                        f"{self.mse[-1]:.4f} (mean public image {self.baseline_mse:.4f})")
         return figure
 
 
