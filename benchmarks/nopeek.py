@@ -94,14 +94,39 @@ def bias_corrected_dcor_squared(x, z) -> float:
 def held_out_dcor(client, x, batch_size, draws, seed=0) -> tuple[float, float]:
     """Mean dCor(x, client(x)) and bias-corrected dCor^2 over `draws` random
     batches of `batch_size` (the same batches for every client)."""
+    return held_out_dcor_of(lambda rows: np.asarray(client(x[rows], training=False)),
+                            x, batch_size, draws, seed)
+
+
+def held_out_dcor_of(features, x, batch_size, draws, seed=0) -> tuple[float, float]:
+    """As `held_out_dcor`, for `features(rows)`: any per-image values of the rows."""
     rng = np.random.default_rng(seed)
     values, corrected = [], []
     for _ in range(draws):
         rows = rng.choice(len(x), size=min(batch_size, len(x)), replace=False)
-        cut = np.asarray(client(x[rows], training=False))
-        values.append(float(distance_correlation(x[rows], cut)))
-        corrected.append(bias_corrected_dcor_squared(x[rows], cut))
+        z = np.asarray(features(rows), np.float32).reshape(len(rows), -1)
+        values.append(float(distance_correlation(x[rows], z)))
+        corrected.append(bias_corrected_dcor_squared(x[rows], z))
     return float(np.mean(values)), float(np.mean(corrected))
+
+
+def task_references(x, y, args) -> None:
+    """dCor of the test images with what the task itself is made of, on the same batches.
+
+    dCor has no data-processing inequality, so none of these is a bound on a cut's
+    dCor; they say how much of the images' distance structure a single scalar or the
+    label already carries, and so how far below them a useful cut can be pushed."""
+    flat = x.reshape(len(x), -1).astype(np.float32)
+    references = {
+        "the label y (a perfect cut for the task)": lambda rows: y[rows],
+        "mean brightness (1 value)": lambda rows: flat[rows].mean(axis=1),
+        "mean and contrast (2 values)":
+            lambda rows: np.stack([flat[rows].mean(axis=1), flat[rows].std(axis=1)], 1),
+    }
+    for name, features in references.items():
+        dcor, corrected = held_out_dcor_of(features, x, args.dcor_batch, args.draws)
+        print(f"reference: dCor(x, {name}) {dcor:.3f}, bias-corrected dCor^2 "
+              f"{corrected:.3f}")
 
 
 def noise_floor(x, features, batch_size, draws, seed=0) -> float:
@@ -128,12 +153,19 @@ def run(alpha, seed, data, args):
     seconds = time.perf_counter() - start
     _, accuracy = split.evaluate(x_test, y_test, batch_size=256, verbose=0)
     dcor, corrected = held_out_dcor(split.client, x_test, args.dcor_batch, args.draws)
+    # What the server ends with: the model's own output and its predicted class.
+    logits = np.asarray(split.predict(x_test, batch_size=256, verbose=0))
+    output_dcor = held_out_dcor_of(lambda rows: logits[rows], x_test, args.dcor_batch,
+                                   args.draws)[0]
+    predicted_dcor = held_out_dcor_of(lambda rows: logits[rows].argmax(axis=1), x_test,
+                                      args.dcor_batch, args.draws)[0]
     cut = np.asarray(split.client(x_test, training=False))
     whole = float(distance_correlation(x_test, cut))
     unbiased = max(bias_corrected_dcor_squared(x_test, cut), 0.0) ** 0.5
     return {"accuracy": float(accuracy), "dcor": dcor, "corrected": corrected,
             "whole": whole, "unbiased": unbiased,
-            "seconds": seconds, "train_dcor": history.history["nopeek_dcor"][-1]}
+            "seconds": seconds, "train_dcor": history.history["nopeek_dcor"][-1],
+            "output_dcor": output_dcor, "predicted_dcor": predicted_dcor}
 
 
 def main():
@@ -165,6 +197,7 @@ def main():
     print(f"untrained client half: dCor(x, cut) {dcor:.3f}, bias-corrected dCor^2 "
           f"{corrected:.3f} (batches of {args.dcor_batch} test images)")
     floor = noise_floor(x_test, features, args.dcor_batch, args.draws)
+    task_references(x_test, y_test, args)
     print(f"floor: dCor(x, independent noise of the cut's {features} values) {floor:.3f}; "
           f"of 1 value {noise_floor(x_test, 1, args.dcor_batch, args.draws):.3f}")
 
@@ -174,8 +207,9 @@ def main():
         for seed, r in zip(args.seeds, results[alpha], strict=True):
             print(f"  alpha {alpha:g} seed {seed}: accuracy {r['accuracy']:.4f}, "
                   f"dCor {r['dcor']:.3f} (train batches {r['train_dcor']:.3f}), "
-                  f"bias-corrected dCor^2 {r['corrected']:.3f}, {r['seconds']:.0f} s",
-                  flush=True)
+                  f"bias-corrected dCor^2 {r['corrected']:.3f}; dCor(x, model output) "
+                  f"{r['output_dcor']:.3f}, dCor(x, predicted class) "
+                  f"{r['predicted_dcor']:.3f}; {r['seconds']:.0f} s", flush=True)
 
     def mean(alpha, key):
         return statistics.mean(r[key] for r in results[alpha])
@@ -209,6 +243,14 @@ def main():
               f"{100 * (mean(alpha, 'unbiased') / mean(0.0, 'unbiased') - 1):+6.1f} % | {met}")
     print("(means ± standard deviations over the seeds; 'above floor': the change of dCor "
           "minus the noise floor; target: dCor down >= 50 % for <= 2 points of accuracy)")
+    print()
+    print("what the server ends with, on the same batches (target: dCor(x, cut) "
+          f"<= {base_dcor / 2:.3f}):")
+    for alpha in args.alphas:
+        print(f"  alpha {alpha:g}: dCor(x, cut) {mean(alpha, 'dcor'):.3f}, dCor(x, model "
+              f"output) {mean(alpha, 'output_dcor'):.3f} ± {spread(alpha, 'output_dcor'):.3f}, "
+              f"dCor(x, predicted class) {mean(alpha, 'predicted_dcor'):.3f} ± "
+              f"{spread(alpha, 'predicted_dcor'):.3f}")
 
 if __name__ == "__main__":
     main()

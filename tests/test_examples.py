@@ -1,5 +1,4 @@
-"""The configuration examples run and print their comparison (the fast ones in
-CI, all of them with -m slow)."""
+"""The configuration examples run and print their comparison."""
 
 import os
 import subprocess
@@ -56,7 +55,6 @@ def test_u_shaped_example_runs():
     assert "U-shaped test accuracy" in _run("u_shaped", "--epochs", "1")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("name", "args"), [
     ("multihop", ["--epochs", "1"]), ("round_robin", ["--rounds", "1"]),
     ("splitfed", ["--rounds", "1"]), ("splitfed", ["--rounds", "1", "--version", "2",

@@ -139,16 +139,9 @@ def _device_steps_match(tmp_path, rng, name, fmt, optimizer):
             np.testing.assert_allclose(got, want, atol=1e-5)  # BatchNorm statistics included
 
 
-def _slow(*values):
-    return pytest.param(*values, marks=pytest.mark.slow)
-
-
 @pytest.mark.parametrize(("name", "fmt", "optimizer"), [
-    # One network and runtime each by default; every combination with -m slow.
-    ("mobilenet_v2", "tflite", "adam"), ("mobilenet_v3_small", "onnx", "adam"),
-    _slow("mobilenet_v2", "tflite", "sgd"), _slow("mobilenet_v2", "onnx", "sgd"),
-    _slow("mobilenet_v2", "onnx", "adam"), _slow("mobilenet_v3_small", "tflite", "sgd"),
-    _slow("mobilenet_v3_small", "tflite", "adam"), _slow("mobilenet_v3_small", "onnx", "sgd"),
+    (network, fmt, optimizer) for network in ("mobilenet_v2", "mobilenet_v3_small")
+    for fmt in ("tflite", "onnx") for optimizer in ("sgd", "adam")
 ])
 def test_mobile_client_halves_train_on_the_device_like_tensorflow(tmp_path, rng, name, fmt,
                                                                    optimizer):

@@ -4,10 +4,10 @@ download is even attempted, so they fall back to the shipped data); and every
 notebook in git has its outputs stripped and a Colab badge pointing at itself.
 
 Times in quick mode on 2 shared cores (kernel start and TensorFlow import
-included): quickstart ~15 s and several modalities ~20 s run by default; the
-others are marked slow (`pytest -m slow tests/test_notebooks.py`): many
-hospitals ~40 s, privacy ~40 s, the phone ~20 s, deployment ~70 s (two server
-processes, two command-line clients).
+included): quickstart ~15 s, several modalities ~20 s, many hospitals ~40 s and the
+phone ~20 s run by default; privacy ~40 s and deployment ~70 s (two server
+processes, two command-line clients) are marked slow (`pytest -m slow
+tests/test_notebooks.py`).
 """
 
 import json
@@ -18,7 +18,7 @@ import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 NAMES = sorted(path.stem for path in NOTEBOOKS.glob("*.ipynb"))
-SLOW = {"02_many_hospitals", "04_privacy", "05_the_phone", "06_deployment"}
+SLOW = {"04_privacy", "06_deployment"}
 BADGE = re.compile(r"\[!\[Open In Colab\]\(https://colab\.research\.google\.com/assets/"
                    r"colab-badge\.svg\)\]\(https://colab\.research\.google\.com/github/"
                    r"(?P<repo>[^/]+/[^/]+)/blob/main/notebooks/(?P<name>[^)]+)\.ipynb\)")

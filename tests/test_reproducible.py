@@ -13,7 +13,6 @@ from pathlib import Path
 import keras
 import numpy as np
 import onnx
-import pytest
 from onnx import TensorProto, helper
 
 import keras_split
@@ -67,7 +66,6 @@ def test_two_exports_of_the_same_weights_are_byte_identical(tmp_path):
             assert changed[name] != digest, name
 
 
-@pytest.mark.slow  # a second process imports TensorFlow and exports again (about 20 s)
 def test_another_process_with_another_hash_seed_writes_the_same_bytes(tmp_path):
     client = _client()
     write_artefacts(client, tmp_path / "a", keras.optimizers.Adam(1e-3))

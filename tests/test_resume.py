@@ -201,10 +201,7 @@ def _client_step(path) -> int:
         return 0
 
 
-# SIGTERM's variant (a clean stop) is slow-marked; SIGKILL, the harder case, stays in CI.
-@pytest.mark.parametrize("stop", [signal.SIGKILL,
-                                  pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
-                         ids=["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_client_stopped_mid_epoch_resumes_from_its_checkpoint(setup, stop):
     port = _free_port()
     checkpoints = setup["folder"] / f"client-checkpoints-{stop.name}"

@@ -96,10 +96,7 @@ def _lines(process, into):
             into.append(line)
 
 
-# SplitFed's variant is slow-marked (about 14 s of client processes): the same kill and
-# rejoin through the same server code; SFLv1 client processes stay in CI below.
-@pytest.mark.parametrize("mode", ["round_robin",
-                                  pytest.param("splitfed", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("mode", ["round_robin", "splitfed"])
 def test_a_killed_client_is_dropped_and_rejoins(tmp_path, rng, mode):
     split = _split()
     split.client.save(tmp_path / "client.keras")

@@ -8,8 +8,9 @@ weights where one step of the unsplit model leaves them. Cuts bypassed by a
 shortcut or a parallel branch, and cuts that would send raw inputs, are refused.
 
 Inputs are small (32x32; InceptionV3's minimum, 75x75), `weights=None`, three
-classes. MobileNetV3Small runs by default; the other networks are marked slow:
-`pytest -m slow tests/test_zoo.py`.
+classes. By default (CI) every network but DenseNet121 and the two EfficientNets is
+split at every cut, and MobileNetV2, MobileNetV3Small, ResNet50 and VGG16 take the SGD
+step; the rest (minutes on two CPU cores) are marked slow: `pytest -m slow tests/test_zoo.py`.
 """
 
 import ast
@@ -57,9 +58,11 @@ ZOO = {
     "VGG16": (APPS.VGG16, 32, {}, None),
     "InceptionV3": (APPS.InceptionV3, 75, {}, _inception_branch),
 }
-DEFAULT = {"MobileNetV3Small"}  # the rest take minutes on two CPU cores
+# The SGD step of the others, and every cut of the heaviest, take 20-60 s each here.
+DEFAULT = {"MobileNetV2", "MobileNetV3Small", "ResNet50", "VGG16"}
 NETWORKS = [name if name in DEFAULT else pytest.param(name, marks=pytest.mark.slow)
             for name in ZOO]
+HEAVIEST = {"DenseNet121", "EfficientNetB0", "EfficientNetV2B0"}
 
 
 def _build(name):
@@ -145,10 +148,9 @@ def _assert_one_step_like_unsplit(model, cuts, x, y):
 # -- the zoo ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) for n in ZOO])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVIEST
+                                  else n for n in ZOO])
 def test_splits_at_every_candidate_cut(name, rng):
-    # Slow for every network (MobileNetV3Small: 12 s); in CI the SGD step below splits
-    # MobileNetV3Small at its first, middle and last cut and checks it against Keras.
     model = _build(name)
     table = keras_split.cut_candidates(model, collapse=False)
     collapsed = keras_split.cut_candidates(model)
@@ -235,9 +237,9 @@ def test_inception_branches_name_the_parallel_branch():
 
 @pytest.mark.parametrize("name, raw, first", [
     ("MobileNetV3Small", [layers.Rescaling], "conv"),
-    pytest.param("ResNet50", [layers.ZeroPadding2D], "conv1_conv", marks=pytest.mark.slow),
-    pytest.param("EfficientNetB0", [layers.Rescaling, layers.Normalization,
-                                    layers.ZeroPadding2D], "stem_conv", marks=pytest.mark.slow),
+    ("ResNet50", [layers.ZeroPadding2D], "conv1_conv"),
+    ("EfficientNetB0", [layers.Rescaling, layers.Normalization, layers.ZeroPadding2D],
+     "stem_conv"),
 ])
 def test_preprocessing_cuts_would_send_raw_images(name, raw, first):
     model = _build(name)
