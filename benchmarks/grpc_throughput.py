@@ -19,6 +19,12 @@ best rates.
     python benchmarks/grpc_throughput.py [--rounds 5] [--epochs 2] [--batch-size 64]
         [--only "grpc none,grpc float16,grpc none unary,grpc float16 unary"] [--breakdown]
 
+`--server-process` serves each gRPC configuration from a `keras-split serve` process
+of its own (the server half saved with the same initial weights), as a server in
+another organisation would run: the client's process then holds no server, and the
+two share no interpreter lock (they still share the machine's cores). Not with
+`--breakdown`, which times both sides with one clock.
+
 `--breakdown` also times the parts of every gRPC step (instrumented: the
 client's check and encode, the transit to the server's step, the server's
 decode, role and encode, the transit back, the client's decode) and prints
@@ -29,8 +35,12 @@ import argparse
 import collections
 import math
 import os
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -81,6 +91,53 @@ def over_grpc(weights, codec, certs, folder=None, stream=True):
         split.client, server=f"127.0.0.1:{server.port}", token="t",
         root_certificates=certs["ca"], checkpoint_dir=folder and os.path.join(folder, "client"),
         stream=stream)
+    client.compile(optimizer=keras.optimizers.Adam(1e-3),
+                   compression=None if codec == "none" else codec)
+    return client, server
+
+
+class ServerProcess:
+    """`keras-split serve` in a child process, stopped by `stop()` (SIGTERM)."""
+
+    def __init__(self, weights, certs, folder, name, checkpoint=False):
+        split = keras_split.split(build_demo_cnn(), "pool2")
+        split.merge().set_weights(weights)
+        model = os.path.join(folder, f"{name}.keras")
+        split.server.save(model)
+        tokens = os.path.join(folder, "tokens")
+        with open(tokens, "w") as file:
+            file.write("t bench\n")
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        command = [sys.executable, "-m", "keras_split.apps.cli", "serve", "--model", model,
+                   "--from-logits", "--learning-rate", "1e-3", "--metrics", "accuracy",
+                   "--address", f"127.0.0.1:{self.port}", "--cert", str(certs["server_cert"]),
+                   "--key", str(certs["server_key"]), "--token-file", tokens]
+        if checkpoint:
+            command += ["--checkpoint-dir", os.path.join(folder, f"{name}-server")]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        line = self.process.stdout.readline()
+        if not line.startswith("serving"):
+            raise RuntimeError(f"keras-split serve did not start: {line!r}")
+        # Whatever it prints later is read, so that its pipe never fills.
+        threading.Thread(target=self.process.stdout.read, daemon=True).start()
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(60)
+
+
+def over_grpc_to_process(weights, codec, certs, folder, name, checkpoint=False, stream=True):
+    server = ServerProcess(weights, certs, folder, name.replace(" ", "_").replace(":", ""),
+                           checkpoint)
+    split = keras_split.split(build_demo_cnn(), "pool2")
+    split.merge().set_weights(weights)
+    client = keras_split.SplitClient(
+        split.client, server=f"127.0.0.1:{server.port}", token="t",
+        root_certificates=certs["ca"],
+        checkpoint_dir=os.path.join(folder, name.replace(" ", "_") + "-client")
+        if checkpoint else None, stream=stream)
     client.compile(optimizer=keras.optimizers.Adam(1e-3),
                    compression=None if codec == "none" else codec)
     return client, server
@@ -150,7 +207,12 @@ def main():
     parser.add_argument("--only", default=None,
                         help="comma-separated configurations to run (unsplit always runs): "
                              "fewer per round measure each closer in time to unsplit")
+    parser.add_argument("--server-process", action="store_true",
+                        help="serve each gRPC configuration from a `keras-split serve` "
+                             "process of its own")
     args = parser.parse_args()
+    if args.server_process and args.breakdown:
+        parser.error("--breakdown times both sides in one process: not with --server-process")
     only = None if args.only is None else {"unsplit", *args.only.split(",")}
     parts = collections.defaultdict(lambda: collections.defaultdict(list))
     parts["current"] = "warm-up"
@@ -162,12 +224,18 @@ def main():
     keras.utils.set_random_seed(0)
     weights = build_demo_cnn().get_weights()
     builders = {"unsplit": lambda: unsplit(weights), "in-process": lambda: in_process(weights)}
+    if args.server_process:
+        def grpc(codec, name, checkpoint=False, stream=True):
+            return over_grpc_to_process(weights, codec, certs, folder, name, checkpoint, stream)
+    else:
+        def grpc(codec, name, checkpoint=False, stream=True):
+            return over_grpc(weights, codec, certs, folder if checkpoint else None, stream)
     for codec in CODECS:
-        builders[f"grpc {codec}"] = lambda codec=codec: over_grpc(weights, codec, certs)
-    builders["grpc float16+ckpt"] = lambda: over_grpc(weights, "float16", certs, folder)
+        builders[f"grpc {codec}"] = lambda codec=codec: grpc(codec, f"grpc {codec}")
+    builders["grpc float16+ckpt"] = lambda: grpc("float16", "grpc float16+ckpt", True)
     for codec in ("none", "float16"):
-        builders[f"grpc {codec} unary"] = lambda codec=codec: over_grpc(weights, codec, certs,
-                                                                         stream=False)
+        builders[f"grpc {codec} unary"] = lambda codec=codec: grpc(
+            codec, f"grpc {codec} unary", stream=False)
     unknown = (only or set()) - set(builders)
     if unknown:
         parser.error(f"unknown configurations {sorted(unknown)}; known: {list(builders)}")
@@ -197,8 +265,10 @@ def main():
 
     base = max(rates["unsplit"])
     epochs = 1 + args.rounds * args.epochs
+    where = "a server process per configuration" if args.server_process else \
+        "server and client in this process"
     print(f"\nbatch {args.batch_size}; {args.rounds} rounds of {args.epochs} timed epochs; "
-          f"test accuracy after {epochs} epochs")
+          f"test accuracy after {epochs} epochs; gRPC: {where}")
     print(f"{'configuration':20} {'best/s':>8} {'median/s':>9} {'ratio':>6} {'paired':>7} "
           f"{'test acc':>9}")
     for name in configs:
