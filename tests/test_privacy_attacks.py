@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import keras_split
+from keras_split.privacy import distance_correlation
 from keras_split.privacy.attacks import (
     AuditReport,
     CutGradients,
@@ -221,6 +222,41 @@ def test_dcor_leakage_of_a_similarity_and_of_noise(rng):
         dcor_leakage(lambda batch: batch, x[:10], batch_size=64)
 
 
+def test_dcor_label_reference_is_dcor_of_the_inputs_with_the_labels(rng):
+    x = rng.normal(size=(192, 5)).astype("float32")
+    y = (x[:, 0] > 0).astype("int64")  # binary labels that depend on x
+    result = dcor_leakage(lambda batch: batch[:, :2], x, batch_size=64, y=y)
+    # Binary one-hot rows are sqrt(2)|y_i - y_j| apart: the same dCor as the labels
+    # as one numeric column (dCor is invariant to scaling), batch by batch.
+    want = np.mean([float(distance_correlation(x[i:i + 64], y[i:i + 64, None].astype("float32")))
+                    for i in range(0, 192, 64)])
+    assert result.label_reference == pytest.approx(want, abs=1e-5)
+    assert 0.3 < result.label_reference < 1.0
+    assert dcor_leakage(lambda batch: batch, x, batch_size=64).label_reference is None
+
+
+def test_dcor_label_reference_treats_class_indices_as_categories(rng):
+    x = rng.normal(size=(128, 4)).astype("float32")
+    y = rng.integers(0, 5, size=128)
+    result = dcor_leakage(lambda batch: batch, x, batch_size=64, y=y)
+    # Renaming the classes changes nothing (as integers, it would move their distances),
+    # and one-hot rows passed as floats read the same.
+    renamed = np.array([3, 0, 4, 1, 2])[y]
+    assert dcor_leakage(lambda batch: batch, x, batch_size=64, y=renamed).label_reference == \
+        pytest.approx(result.label_reference, abs=1e-6)
+    one_hot = np.eye(5, dtype="float32")[y]
+    assert dcor_leakage(lambda batch: batch, x, batch_size=64, y=one_hot).label_reference == \
+        pytest.approx(result.label_reference, abs=1e-6)
+    as_numbers = np.mean([float(distance_correlation(x[i:i + 64],
+                                                     y[i:i + 64, None].astype("float32")))
+                          for i in (0, 64)])
+    assert abs(as_numbers - result.label_reference) > 1e-3
+    with pytest.raises(ValueError, match="127 labels, but `x` has 128"):
+        dcor_leakage(lambda batch: batch, x, batch_size=64, y=y[:127])
+    with pytest.raises(ValueError, match="must hold numbers"):
+        dcor_leakage(lambda batch: batch, x, batch_size=64, y=np.array(["a"] * 128))
+
+
 # -- the audit and the figures -----------------------------------------------------------
 
 
@@ -241,6 +277,22 @@ def test_audit_prints_one_table():
     assert table[0].split() == ["attack", "metric", "value", "baseline"]
     assert len(table) == 2 + len(report.rows)
     assert report.label.norm_auc == report.rows[0].value
+    assert report.dcor.label_reference is None
+
+
+def test_audit_with_test_labels_adds_the_dcor_reference_row():
+    x, y = imbalanced_task(256)
+    model, cut = mlp()
+    split = keras_split.split(model, cut)
+    split.compile(optimizer=keras.optimizers.Adam(1e-2), loss=LOSS)
+    split.fit(x, y, batch_size=32, epochs=1, verbose=0, seed=0)
+    x_test, y_test = imbalanced_task(128, 1)
+    report = audit(split, x, y, x_test, inversion_epochs=1, dcor_batch_size=64,
+                   y_test=y_test, print_fn=None)
+    reference = report.rows[-1]
+    assert reference.metric == "dCor(x, labels): the task's own"
+    assert reference.value == pytest.approx(
+        dcor_leakage(split.client, x_test, batch_size=64, y=y_test).label_reference)
 
 
 def _block(monkeypatch, name):

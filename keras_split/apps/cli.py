@@ -168,7 +168,7 @@ def _audit(args) -> int:
     audit(split, x, y, x_test, batch_size=args.batch_size,
           inversion_epochs=args.inversion_epochs, hijack_steps=args.hijack_steps,
           hijack_knows_weights=not args.hijack_blind,
-          num_classes=max(2, classes), seed=args.seed)
+          num_classes=max(2, classes), seed=args.seed, y_test=y_test)
     return 0
 
 
