@@ -6,13 +6,16 @@ For each model, in one run, alternating so that machine drift hits all alike:
 - fused unsplit step: the whole model's forward, backward and Adam update as
   one `tf.function`, fed by numpy slicing (the honest limit of a split step:
   the same arithmetic, no hand-off at the cut);
+- the same step called through its concrete function (`keras_split.compiled`),
+  as the split's own steps are: the limit without `tf.function`'s dispatch;
 - split (fused): `SplitModel.fit` with the default in-process transport, which
   runs the server's step inside the client's compiled call;
 - split (messages): `InProcessTransport(fused=False)`, one message per step
   (`tf.py_function` at the cut, copies to numpy and back, a second call).
 
 `--anatomy` times one compiled call per step instead (the batch already a
-tensor, best of 5 x 300 calls, no `fit` loop around it) for the demo CNN:
+tensor, best of 5 x 300 calls, no `fit` loop around it, every call through
+its concrete function) for the demo CNN:
 the unsplit step; the split step as shipped (the server's refusal checks
 and both conditional updates); the same two halves in one graph with the
 server's checks but no condition on the client's side; and with no checks
@@ -41,6 +44,7 @@ import tensorflow as tf  # noqa: E402
 
 import keras_split  # noqa: E402
 from keras_split.apps.demo import build_demo_cnn, demo_loss  # noqa: E402
+from keras_split.compiled import Compiled  # noqa: E402
 from keras_split.roles import ServerRole  # noqa: E402
 from keras_split.transport import InProcessTransport  # noqa: E402
 
@@ -64,12 +68,12 @@ def residual_cnn(input_shape=(64, 64, 3), num_classes=2):
     return keras.Model(inputs, outputs, name="residual_cnn")
 
 
-def unsplit_step(model):
-    """The whole model's forward, backward and Adam update as one compiled call."""
+def unsplit_step(model, concrete=False):
+    """The whole model's forward, backward and Adam update as one compiled call
+    (`concrete`: called through its concrete function, as the split's steps are)."""
     optimizer, loss_fn = keras.optimizers.Adam(1e-3), demo_loss()
     mean, accuracy = keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()
 
-    @tf.function(reduce_retracing=True)
     def step(bx, by):
         with tf.GradientTape() as tape:
             logits = model(bx, training=True)
@@ -80,11 +84,13 @@ def unsplit_step(model):
         accuracy.update_state(by, logits)
         return mean.result(), accuracy.result()
 
-    return step
+    if concrete:
+        return Compiled(step, reduce_retracing=True)
+    return tf.function(step, reduce_retracing=True)
 
 
-def fused_unsplit(build, x, y, batch_size, epochs):
-    step = unsplit_step(build())
+def fused_unsplit(build, x, y, batch_size, epochs, concrete=False):
+    step = unsplit_step(build(), concrete)
 
     def train(count):
         for _ in range(count):
@@ -123,12 +129,15 @@ def split_fit(build, cut, fused, x, y, batch_size, epochs):
 
 def measure(name, build, cut, x, y, args):
     rates: dict[str, list[float]] = {"model.fit": [], "fused unsplit step": [],
+                                     "fused unsplit step, concrete call": [],
                                      "split (fused)": [], "split (messages)": []}
     for run in range(args.runs):
         keras.utils.set_random_seed(run)
         rates["model.fit"].append(keras_fit(build, x, y, args.batch_size, args.epochs))
         rates["fused unsplit step"].append(fused_unsplit(build, x, y, args.batch_size,
                                                          args.epochs))
+        rates["fused unsplit step, concrete call"].append(fused_unsplit(
+            build, x, y, args.batch_size, args.epochs, concrete=True))
         rates["split (fused)"].append(split_fit(build, cut, True, x, y, args.batch_size,
                                                 args.epochs))
         rates["split (messages)"].append(split_fit(build, cut, False, x, y, args.batch_size,
@@ -147,7 +156,14 @@ def measure(name, build, cut, x, y, args):
                                     strict=True)]
     print(f"split (fused) / fused unsplit step, per run: "
           f"{', '.join(f'{r:.3f}' for r in paired)}; median {statistics.median(paired):.3f} "
-          "(target >= 0.95)\n")
+          "(target >= 0.95)")
+    # Against the unsplit step called the same way as the split's (no tf.function
+    # dispatch on either side): what the split's structure itself costs.
+    concrete = [s / f for s, f in zip(rates["split (fused)"],
+                                      rates["fused unsplit step, concrete call"], strict=True)]
+    print(f"split (fused) / fused unsplit step called through its concrete function, per "
+          f"run: {', '.join(f'{r:.3f}' for r in concrete)}; median "
+          f"{statistics.median(concrete):.3f}\n")
 
 
 def anatomy(x, y, batch_size, repeats=5, calls=300):
@@ -157,7 +173,9 @@ def anatomy(x, y, batch_size, repeats=5, calls=300):
 
     xb, yb = tf.constant(x[:batch_size]), tf.constant(y[:batch_size])
     keras.utils.set_random_seed(0)
-    unsplit = unsplit_step(build_demo_cnn())
+    # Every call below goes through its concrete function (keras_split.compiled), as
+    # the shipped split step does: no tf.function dispatch on either side.
+    unsplit = unsplit_step(build_demo_cnn(), concrete=True)
 
     def split_step(mode):
         keras.utils.set_random_seed(0)
@@ -193,7 +211,7 @@ def anatomy(x, y, batch_size, repeats=5, calls=300):
             client._apply_fn(client._variable_gradients(tape, activations, regularization, cut))
             return logs
 
-        return tf.function(step)
+        return Compiled(step)
 
     calls_by_name = {"unsplit step": lambda: unsplit(xb, yb)}
     for name, mode in [("split step, as shipped", "shipped"),

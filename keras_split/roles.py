@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_split import checkpoint
+from keras_split.compiled import Compiled
 from keras_split.messages import Activations, Reply
 from keras_split.partition import CutSpec
 
@@ -112,23 +113,24 @@ class ClientRole:
         self.objective = objective
         self.log_names: tuple[str, ...] = tuple(getattr(objective, "log_names", ()))
         self.optimizer = copy_optimizer(optimizer) if optimizer is not None else None
-        self._forward_train = tf.function(self._forward_fn, reduce_retracing=True)
-        self._forward_infer = tf.function(
+        # Compiled: tf.functions called through their concrete functions (keras_split.compiled).
+        self._forward_train = Compiled(self._forward_fn, reduce_retracing=True)
+        self._forward_infer = Compiled(
             lambda x: self._forward_fn(x, training=False), reduce_retracing=True
         )
-        self._forward_objective = tf.function(self._forward_objective_fn, reduce_retracing=True)
-        self._apply = tf.function(self._apply_fn, reduce_retracing=True)
-        self._step = tf.function(self._step_fn, reduce_retracing=True)
+        self._forward_objective = Compiled(self._forward_objective_fn, reduce_retracing=True)
+        self._apply = Compiled(self._apply_fn, reduce_retracing=True)
+        self._step = Compiled(self._step_fn, reduce_retracing=True)
         # Sends waiting for their compiled step to reach the cut, by step key.
         # Each entry lives for one call of step(); nothing carries over.
         self._sends: dict[int, Callable] = {}
         self._keys = itertools.count()
-        self._fused: dict[int, Callable] = {}  # fused steps, by in-process server
+        self._fused: dict[int, Compiled] = {}  # fused steps, by in-process server
         # What a forward pass writes before anyone knows whether the step will
         # be applied (moving statistics, seed states): kept, and put back when
         # the step is refused or the client diverged.
         self._state = list(model.non_trainable_variables)
-        self._keep_state = tf.function(lambda: [tf.identity(v) for v in self._state])
+        self._keep_state = Compiled(lambda: [tf.identity(v) for v in self._state])
 
     def _put_back_state(self, kept) -> None:
         for variable, value in zip(self._state, kept, strict=True):
@@ -324,8 +326,8 @@ class ClientRole:
         server.prepare(message)
         function = self._fused.get(id(server))
         if function is None:
-            function = tf.function(lambda x, y, w: self._fused_fn(server, x, y, w),
-                                   reduce_retracing=True)
+            function = Compiled(lambda x, y, w: self._fused_fn(server, x, y, w),
+                                reduce_retracing=True)
             self._fused[id(server)] = function
         # The server's state before the step: read inside the call, or before a
         # metrics reset when the message asks for one.
@@ -733,13 +735,13 @@ class ServerRole:
         )
         self._classes = _class_rules(model, loss)
         self.loss_tracker = keras.metrics.Mean(name="loss")
-        self._train = tf.function(self._train_fn, reduce_retracing=True)
-        self._evaluate = tf.function(self._evaluate_fn, reduce_retracing=True)
-        self._predict = tf.function(
+        self._train = Compiled(self._train_fn, reduce_retracing=True)
+        self._evaluate = Compiled(self._evaluate_fn, reduce_retracing=True)
+        self._predict = Compiled(
             lambda a: model(list(a) if len(a) > 1 else a[0], training=False),
             reduce_retracing=True,
         )
-        self._keep = tf.function(self._keep_fn)
+        self._keep = Compiled(self._keep_fn)
         self._kept: list = []  # the variables a refused step puts back (set by _build)
         self._built = False
         self._pending_metrics = None
