@@ -260,12 +260,17 @@ def test_dcor_label_reference_treats_class_indices_as_categories(rng):
 # -- the audit and the figures -----------------------------------------------------------
 
 
-def test_audit_prints_one_table():
+def _trained_mlp_split():
     x, y = imbalanced_task(256)
     model, cut = mlp()
     split = keras_split.split(model, cut)
     split.compile(optimizer=keras.optimizers.Adam(1e-2), loss=LOSS)
     split.fit(x, y, batch_size=32, epochs=1, verbose=0, seed=0)
+    return split, x, y
+
+
+def test_audit_prints_one_table():
+    split, x, y = _trained_mlp_split()
     printed = []
     report = audit(split, x, y, imbalanced_task(128, 1)[0], inversion_epochs=2,
                    dcor_batch_size=64, print_fn=printed.append)
@@ -281,11 +286,7 @@ def test_audit_prints_one_table():
 
 
 def test_audit_with_test_labels_adds_the_dcor_reference_row():
-    x, y = imbalanced_task(256)
-    model, cut = mlp()
-    split = keras_split.split(model, cut)
-    split.compile(optimizer=keras.optimizers.Adam(1e-2), loss=LOSS)
-    split.fit(x, y, batch_size=32, epochs=1, verbose=0, seed=0)
+    split, x, y = _trained_mlp_split()
     x_test, y_test = imbalanced_task(128, 1)
     report = audit(split, x, y, x_test, inversion_epochs=1, dcor_batch_size=64,
                    y_test=y_test, print_fn=None)
