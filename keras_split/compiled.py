@@ -89,14 +89,15 @@ class Compiled:
         self._max = max_signatures
         # A concrete function takes every argument (it applies no defaults): the
         # defaults of trailing parameters are added here, as tf.function would.
+        # (Python puts every parameter with a default after those without.)
         parameters = list(inspect.signature(python_function).parameters.values())
         plain = all(p.kind is p.POSITIONAL_OR_KEYWORD for p in parameters)
-        self._arity = len(parameters) if plain else None
-        self._defaults = [p.default for p in parameters] if plain else []
+        self._arity = len(parameters) if plain else -1
+        self._defaults = [p.default for p in parameters]
+        self._required = sum(p.default is p.empty for p in parameters)
 
     def __call__(self, *args, **kwargs):
-        if kwargs or self._arity is None or len(args) > self._arity or any(
-                d is inspect.Parameter.empty for d in self._defaults[len(args):]):
+        if kwargs or not self._required <= len(args) <= self._arity:
             return self.function(*args, **kwargs)
         args = args + tuple(self._defaults[len(args):])
         try:
