@@ -24,10 +24,13 @@ alone). It shows where the in-process gap comes from.
 
 Two models: the demo chest-X-ray CNN (28x28x1, cut "pool2"; per-step overhead
 dominates) and a mid-sized residual CNN (64x64x3, cut after its second block).
-Prints samples/s (median of `--runs`) and each split path's ratio to the
-fused unsplit step (target from issue 15: at least 0.95).
+Each path is built once and warmed up; then, in each of `--runs` rounds, every
+path trains `--epochs` epochs, in an order rotated from round to round. Prints
+samples/s (median over the rounds) and each split path's ratio to the fused
+unsplit step within each round (median, quartiles and range; target from
+issue 15: at least 0.95).
 
-    python benchmarks/throughput.py [--runs 5] [--epochs 3] [--batch-size 64]
+    python benchmarks/throughput.py [--runs 21] [--epochs 1] [--batch-size 64] [--verbose]
     python benchmarks/throughput.py --anatomy
 """
 
@@ -89,7 +92,7 @@ def unsplit_step(model, concrete=False):
     return tf.function(step, reduce_retracing=True)
 
 
-def fused_unsplit(build, x, y, batch_size, epochs, concrete=False):
+def fused_unsplit(build, x, y, batch_size, concrete=False):
     step = unsplit_step(build(), concrete)
 
     def train(count):
@@ -99,71 +102,81 @@ def fused_unsplit(build, x, y, batch_size, epochs, concrete=False):
                 rows = order[i:i + batch_size]
                 float(step(x[rows], y[rows])[0])  # the logs, as fit reads them
 
+    return timer(lambda epochs: train(epochs), len(x))
+
+
+def timer(train, samples):
+    """`epochs -> samples/s` for a path built once, after one warm-up epoch (tracing)."""
     train(1)
-    start = time.perf_counter()
-    train(epochs)
-    return len(x) * epochs / (time.perf_counter() - start)
+
+    def rate(epochs):
+        start = time.perf_counter()
+        train(epochs)
+        return samples * epochs / (time.perf_counter() - start)
+
+    return rate
 
 
-def timed(train, x, y, batch_size, epochs):
-    train(x, y, batch_size=batch_size, epochs=1, verbose=0)  # warm-up (tracing)
-    start = time.perf_counter()
-    train(x, y, batch_size=batch_size, epochs=epochs, verbose=0)
-    return len(x) * epochs / (time.perf_counter() - start)
-
-
-def keras_fit(build, x, y, batch_size, epochs):
+def keras_fit(build, x, y, batch_size):
     model = build()
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=demo_loss(), metrics=["accuracy"])
-    return timed(model.fit, x, y, batch_size, epochs)
+    return timer(lambda epochs: model.fit(x, y, batch_size=batch_size, epochs=epochs,
+                                          verbose=0), len(x))
 
 
-def split_fit(build, cut, fused, x, y, batch_size, epochs):
+def split_fit(build, cut, fused, x, y, batch_size):
     split = keras_split.split(build(), cut)
     role = ServerRole(split.server, keras.optimizers.Adam(1e-3), demo_loss(),
                       metrics=["accuracy"])
     split.compile(optimizer=keras.optimizers.Adam(1e-3),
                   transport=InProcessTransport(role, fused=fused))
-    return timed(split.fit, x, y, batch_size, epochs)
+    return timer(lambda epochs: split.fit(x, y, batch_size=batch_size, epochs=epochs,
+                                          verbose=0), len(x))
 
 
 def measure(name, build, cut, x, y, args):
-    rates: dict[str, list[float]] = {"model.fit": [], "fused unsplit step": [],
-                                     "fused unsplit step, concrete call": [],
-                                     "split (fused)": [], "split (messages)": []}
+    # Every path is built once (same seed), warmed up, then timed for `--epochs`
+    # epochs per round, the paths in a rotated order each round, so that the
+    # machine's drift (large on this shared 2-core machine, even within a
+    # second) hits all alike; ratios are taken within each round.
+    keras.utils.set_random_seed(0)
+    paths = {
+        "model.fit": keras_fit(build, x, y, args.batch_size),
+        "fused unsplit step": fused_unsplit(build, x, y, args.batch_size),
+        "fused unsplit step, concrete call": fused_unsplit(build, x, y, args.batch_size,
+                                                           concrete=True),
+        "split (fused)": split_fit(build, cut, True, x, y, args.batch_size),
+        "split (messages)": split_fit(build, cut, False, x, y, args.batch_size),
+    }
+    rates: dict[str, list[float]] = {key: [] for key in paths}
+    names = list(paths)
     for run in range(args.runs):
-        keras.utils.set_random_seed(run)
-        rates["model.fit"].append(keras_fit(build, x, y, args.batch_size, args.epochs))
-        rates["fused unsplit step"].append(fused_unsplit(build, x, y, args.batch_size,
-                                                         args.epochs))
-        rates["fused unsplit step, concrete call"].append(fused_unsplit(
-            build, x, y, args.batch_size, args.epochs, concrete=True))
-        rates["split (fused)"].append(split_fit(build, cut, True, x, y, args.batch_size,
-                                                args.epochs))
-        rates["split (messages)"].append(split_fit(build, cut, False, x, y, args.batch_size,
-                                                   args.epochs))
-        print(f"  {name} run {run + 1}: " + ", ".join(
-            f"{k} {v[-1]:.0f}" for k, v in rates.items()), flush=True)
+        shift = run % len(names)
+        for key in names[shift:] + names[:shift]:
+            rates[key].append(paths[key](args.epochs))
+        if args.verbose:
+            print(f"  {name} round {run + 1}: " + ", ".join(
+                f"{k} {v[-1]:.0f}" for k, v in rates.items()), flush=True)
     medians = {k: statistics.median(v) for k, v in rates.items()}
     limit = medians["fused unsplit step"]
-    print(f"\n{name}, batch {args.batch_size}, Adam 1e-3, median of {args.runs} runs")
+    print(f"\n{name}, batch {args.batch_size}, Adam 1e-3, median of {args.runs} rounds of "
+          f"{args.epochs} epoch(s)")
     print("| path | samples/s | / fused unsplit step |")
     print("|---|---:|---:|")
     for key, value in medians.items():
         print(f"| {key} | {value:,.0f} | {value / limit:.3f} |")
-    # The ratio within each run, where all four shared the machine's state.
-    paired = [s / f for s, f in zip(rates["split (fused)"], rates["fused unsplit step"],
-                                    strict=True)]
-    print(f"split (fused) / fused unsplit step, per run: "
-          f"{', '.join(f'{r:.3f}' for r in paired)}; median {statistics.median(paired):.3f} "
-          "(target >= 0.95)")
-    # Against the unsplit step called the same way as the split's (no tf.function
-    # dispatch on either side): what the split's structure itself costs.
-    concrete = [s / f for s, f in zip(rates["split (fused)"],
-                                      rates["fused unsplit step, concrete call"], strict=True)]
-    print(f"split (fused) / fused unsplit step called through its concrete function, per "
-          f"run: {', '.join(f'{r:.3f}' for r in concrete)}; median "
-          f"{statistics.median(concrete):.3f}\n")
+    for path, baseline, note in [
+            ("split (fused)", "fused unsplit step", " (target >= 0.95)"),
+            ("split (messages)", "fused unsplit step", ""),
+            # Against the unsplit step called the same way as the split's (no
+            # tf.function dispatch on either side): what the split's structure costs.
+            ("split (fused)", "fused unsplit step, concrete call", "")]:
+        paired = sorted(s / f for s, f in zip(rates[path], rates[baseline], strict=True))
+        quartiles = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
+        print(f"{path} / {baseline}, per round: median {statistics.median(paired):.3f}, "
+              f"quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}, range "
+              f"{paired[0]:.3f}-{paired[-1]:.3f}{note}")
+    print()
 
 
 def anatomy(x, y, batch_size, repeats=5, calls=300):
@@ -239,8 +252,10 @@ def anatomy(x, y, batch_size, repeats=5, calls=300):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=21,
+                        help="rounds: each path timed once per round, in rotated order")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs per path per round")
+    parser.add_argument("--verbose", action="store_true", help="print every round")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--only", choices=["demo", "residual"], default=None)
     parser.add_argument("--anatomy", action="store_true",
