@@ -76,7 +76,7 @@ class ClientRole:
     Two ways to run a training step, with the same arithmetic:
 
     - `step(x, send)`: the whole client step compiled as one `tf.function`;
-      at the cut it calls `send(activations)` (through `tf.py_function`),
+      at the cut it calls `send(activations)` (through `tf.numpy_function`),
       which delivers the values to the server and returns its `Reply`. This is
       what `fit` uses: one compiled call per step.
     - `forward(x)` then `backward(context, gradients)`: the two halves as
@@ -174,9 +174,9 @@ class ClientRole:
             own_loss = regularization
             if self.objective is not None:
                 own_loss, logs = self._objective_fn(x, activations, regularization)
-        delivered = tf.py_function(
+        delivered = tf.numpy_function(
             self._deliver, [key, *activations],
-            Tout=[tf.bool] + [a.dtype for a in activations])
+            Tout=[tf.bool] + [a.dtype for a in activations], stateful=True)
         answered, cut_gradients = delivered[0], delivered[1:]
         answered.set_shape(())
         for gradient, activation in zip(cut_gradients, activations, strict=True):
@@ -189,17 +189,21 @@ class ClientRole:
 
         # A refused or failed exchange returns normally, unanswered: the update
         # is skipped here and `step` raises the error once the call is over.
-        # (Raising inside the py_function would make TensorFlow log the Python
+        # (Raising inside the numpy_function would make TensorFlow log the Python
         # traceback at WARNING before the caller saw the clean error.)
         tf.cond(answered, apply, lambda: tf.constant(False))
         return regularization, logs
 
     def _deliver(self, key, *activations):
         send = self._sends[int(key)]
-        gradients = send(tuple(a.numpy() for a in activations))
+        for activation in activations:
+            # Views of the step's own tensors, which its backward pass reads
+            # (max pooling's gradient reads its output): nothing may write them.
+            activation.setflags(write=False)
+        gradients = send(activations)
         if gradients is None:  # unanswered: `send` kept the error for `step`
-            return [False] + [np.zeros(a.shape, a.dtype.as_numpy_dtype) for a in activations]
-        return [True, *gradients]
+            return [np.bool_(False)] + [np.zeros(a.shape, a.dtype) for a in activations]
+        return [np.bool_(True), *gradients]
 
     def build(self) -> None:
         if self.optimizer is not None and not self.optimizer.built:
@@ -275,7 +279,7 @@ class ClientRole:
     def _fused_fn(self, server: ServerRole, x, labels, sample_weight):
         # Read before the forward passes write: what a refused step puts back.
         kept = [tf.identity(v) for v in self._state]
-        server_kept = [tf.identity(v) for v in server._kept]
+        server_kept = [tf.identity(v) for v in server._moved]
         with tf.GradientTape() as tape:
             activations, regularization = self._forward_fn(x)
             own_loss, logs = regularization, {}
@@ -324,7 +328,7 @@ class ClientRole:
             self._fused[id(server)] = function
         # The server's state before the step: read inside the call, or before a
         # metrics reset when the message asks for one.
-        kept = server._keep() if message.reset_metrics else None
+        kept = server._snapshot(everything=True) if message.reset_metrics else None
         mine: list = []
         try:
             if message.reset_metrics:
@@ -332,7 +336,7 @@ class ClientRole:
             (finite, magnitude, loss_ok, grads_ok, state_ok, loss, cut, server_logs,
              regularization, logs, mine, inside) = function(x, message.labels,
                                                             message.sample_weight)
-            kept = inside if kept is None else kept
+            kept = (server._moved, inside) if kept is None else kept
             if not bool(finite):
                 server._put_back(kept)
                 self._put_back_state(mine)
@@ -687,10 +691,11 @@ class ServerRole:
 
     The forward pass moves non-trainable state (moving statistics, seeds)
     before the loss is known, so each step keeps the values of the
-    non-trainable and metric variables (references, not copies: TensorFlow
-    copies a variable's buffer only when it is written while still shared) and
-    puts them back if the step is refused. Trainable weights and the optimizer
-    are written only once the step is accepted.
+    non-trainable variables (references, not copies: TensorFlow copies a
+    variable's buffer only when it is written while still shared), and of the
+    metrics when the message resets them, and puts them back if the step is
+    refused. Trainable weights, the optimizer and the metrics are written only
+    once the step is accepted.
 
     Args:
         model: the server half (its inputs are the cut).
@@ -734,8 +739,12 @@ class ServerRole:
             lambda a: model(list(a) if len(a) > 1 else a[0], training=False),
             reduce_retracing=True,
         )
-        self._keep = Compiled(self._keep_fn)
-        self._kept: list = []  # the variables a refused step puts back (set by _build)
+        self._keep = Compiled(lambda: [tf.identity(v) for v in self._kept])
+        self._keep_moved = Compiled(lambda: [tf.identity(v) for v in self._moved])
+        # The variables a refused step puts back (set by _build): all the
+        # non-trainable and metric ones, and those a forward pass may move.
+        self._kept: list = []
+        self._moved: list = []
         self._built = False
         self._pending_metrics = None
 
@@ -808,11 +817,24 @@ class ServerRole:
         logs = {k: v for k, v in self.model.get_metrics_result().items() if k != "loss"}
         return {"loss": self.loss_tracker.result(), **logs}
 
-    def _keep_fn(self):
-        return [tf.identity(v) for v in self._kept]
+    def _snapshot(self, everything: bool) -> tuple[list, list]:
+        """The variables a refused step puts back, and their values now.
 
-    def _put_back(self, kept) -> None:
-        for variable, value in zip(self._kept, kept, strict=True):
+        A training or evaluation step writes its metrics only once it is
+        accepted, so before a step only what its forward pass may move
+        (moving statistics, seed states) needs keeping, and nothing at all
+        (no extra call) for a model without such state; `everything` also
+        keeps the metrics, for a message that resets them first."""
+        if everything:
+            return self._kept, self._keep()
+        if self._moved:
+            return self._moved, self._keep_moved()
+        return [], []
+
+    @staticmethod
+    def _put_back(kept) -> None:
+        variables, values = kept
+        for variable, value in zip(variables, values, strict=True):
             variable.assign(value)
 
     def _build(self, message: Activations) -> None:
@@ -829,6 +851,7 @@ class ServerRole:
         self.reset_metrics()
         kept = list(self.model.non_trainable_variables) + self._metric_variables()
         self._kept = list({id(v): v for v in kept}.values())
+        self._moved = list({id(v): v for v in self.model.non_trainable_variables}.values())
         self._built = True
         if self._pending_metrics is not None:
             checkpoint.assign("metrics", self._metric_variables(), *self._pending_metrics)
@@ -938,7 +961,7 @@ class ServerRole:
         self._check_classes(message.labels)
         if not self._built:
             self._build(message)
-        kept = self._keep()
+        kept = self._snapshot(everything=message.reset_metrics)
         try:
             if message.reset_metrics:
                 self.reset_metrics()

@@ -124,6 +124,29 @@ def test_compiled_and_separate_halves_agree(name, rng):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_send_gets_read_only_activations_that_stay_valid(rng):
+    # `send` receives views of the compiled step's own tensors (no copy), which
+    # its backward pass reads: writing them is refused, and arrays kept past the
+    # step still hold the values that were sent.
+    model, cut = models.small_cnn()
+    split = keras_split.split(model, cut)
+    client = ClientRole(split.client, keras.optimizers.SGD(learning_rate=0.0))
+    client.build()
+    kept = []
+
+    def send(activations):
+        with pytest.raises(ValueError, match="read-only"):
+            activations[0][...] = 0.0
+        kept.append(activations)
+        return keras_split.Reply(step=0, gradients=tuple(np.ones_like(a) for a in activations))
+
+    batches = [models.inputs_for(model, 4, rng) for _ in range(3)]
+    for x in batches:
+        client.step(x, send)
+    for x, activations in zip(batches, kept, strict=True):
+        np.testing.assert_array_equal(activations[0], split.client(x, training=False))
+
+
 def test_server_error_surfaces_unwrapped_and_client_unchanged(rng):
     model, cut = models.small_cnn()
     split = keras_split.split(model, cut)
