@@ -6,6 +6,7 @@ across the cut: only cut activations go up and cut gradients come down.
 
 import importlib
 import os
+import sys
 from typing import TYPE_CHECKING
 
 _before = {name: os.environ.get(name) for name in ("TF_CPP_MIN_LOG_LEVEL", "GRPC_VERBOSITY")}
@@ -14,6 +15,27 @@ _before = {name: os.environ.get(name) for name in ("TF_CPP_MIN_LOG_LEVEL", "GRPC
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 # gRPC's C core logs every closed connection at INFO; errors still show.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _tensorflow_started() -> bool:
+    context = sys.modules.get("tensorflow.python.eager.context")
+    return context is not None and bool(getattr(context.context(), "_initialized", True))
+
+
+# A split step on the message path waits at the cut on one of TensorFlow's
+# inter-op threads while a server in this process needs another for its step;
+# TensorFlow gives a one-CPU process a single one. Read when TensorFlow starts
+# (too late once it has: keras_split.compiled then explains instead of
+# hanging); a setting of the user's (here or in tf.config.threading) wins.
+if _usable_cpus() < 2 and not _tensorflow_started():
+    os.environ.setdefault("TF_NUM_INTEROP_THREADS", "2")
 
 __version__ = "0.1.0"
 

@@ -14,18 +14,89 @@ for bit.
 Arguments it cannot key cheaply (anything but arrays, tensors, None, Python
 scalars and strings, and lists, tuples and dicts of them) go through the
 `tf.function` as usual.
+
+TensorFlow's inter-op threads. A client's compiled step on the message path
+waits at the cut, inside a `tf.numpy_function`, on one of TensorFlow's inter-op
+threads, while the server's step runs; a server in the same process needs
+another inter-op thread for its own compiled call. TensorFlow sizes that pool
+by the CPUs the process may use, so on a one-CPU machine every such step
+would wait forever. `import keras_split` therefore asks for two threads
+(`TF_NUM_INTEROP_THREADS=2`, read when TensorFlow starts) when nobody has set
+the size and the process may use one CPU only; an explicit setting is never
+changed. A compiled call that could never start (one inter-op thread, held by
+a step waiting at the cut) raises a `RuntimeError` that says so, instead of
+hanging.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable
+import os
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
 _SCALARS = (bool, int, float, str, bytes)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (TensorFlow sizes its thread pools by them;
+    `keras_split/__init__.py` asks the same, without importing TensorFlow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+# Threads waiting at the cut inside a compiled step (`waiting_at_the_cut`).
+_waiting = 0
+_waiting_lock = threading.Lock()
+
+
+def inter_op_threads() -> int:
+    """The size of TensorFlow's inter-op thread pool: as configured, else as the
+    environment says (`TF_NUM_INTEROP_THREADS`), else one per usable CPU."""
+    configured = tf.config.threading.get_inter_op_parallelism_threads()
+    if configured:
+        return configured
+    try:
+        return int(os.environ.get("TF_NUM_INTEROP_THREADS", "")) or usable_cpus()
+    except ValueError:
+        return usable_cpus()
+
+
+@contextlib.contextmanager
+def waiting_at_the_cut() -> Iterator[None]:
+    """Marks the current thread as a compiled step's callback waiting for its reply."""
+    global _waiting
+    with _waiting_lock:
+        _waiting += 1
+    try:
+        yield
+    finally:
+        with _waiting_lock:
+            _waiting -= 1
+
+
+_pool: list[int] = []  # inter_op_threads(), once TensorFlow runs (it is fixed from then on)
+
+
+def _refuse_if_no_thread_is_free() -> None:
+    if not _pool:
+        _pool.append(inter_op_threads())
+    if _waiting and _pool[0] <= 1:
+        raise RuntimeError(
+            "This compiled call cannot start: TensorFlow's inter-op thread pool has one "
+            "thread, and a split step holds it while it waits at the cut for its reply "
+            "(a server in this same process needs a thread of its own for its step, so "
+            "the step would wait forever). Give TensorFlow two inter-op threads at the "
+            "start of the program, before any TensorFlow op runs: "
+            "`tf.config.threading.set_inter_op_parallelism_threads(2)`; or run the server "
+            "in a process of its own.")
 
 
 class _Unkeyable(Exception):
@@ -97,6 +168,8 @@ class Compiled:
         self._required = sum(p.default is p.empty for p in parameters)
 
     def __call__(self, *args, **kwargs):
+        if _waiting:
+            _refuse_if_no_thread_is_free()
         if kwargs or not self._required <= len(args) <= self._arity:
             return self.function(*args, **kwargs)
         args = args + tuple(self._defaults[len(args):])

@@ -25,7 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_split import checkpoint
+from keras_split import checkpoint, compiled
 from keras_split.compiled import Compiled
 from keras_split.messages import Activations, Reply
 from keras_split.partition import CutSpec
@@ -200,7 +200,8 @@ class ClientRole:
             # Views of the step's own tensors, which its backward pass reads
             # (max pooling's gradient reads its output): nothing may write them.
             activation.setflags(write=False)
-        gradients = send(activations)
+        with compiled.waiting_at_the_cut():
+            gradients = send(activations)
         if gradients is None:  # unanswered: `send` kept the error for `step`
             return [np.bool_(False)] + [np.zeros(a.shape, a.dtype) for a in activations]
         return [np.bool_(True), *gradients]

@@ -207,3 +207,61 @@ def test_a_refused_step_logs_no_tensorflow_traceback_before_its_error():
     assert "REFUSED: `labels` must hold class indices in [0, 2)" in result.stdout
     assert "Traceback" not in result.stderr and "INVALID_ARGUMENT" not in result.stderr, \
         result.stderr[-2000:]
+
+
+INTER_OP = """
+import os, sys
+if sys.argv[1] == "one cpu":
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+import tensorflow as tf
+if sys.argv[1] == "one thread":
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+if sys.argv[1] == "one cpu, TensorFlow started first":
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    tf.constant(1.0) + 1.0
+import keras, numpy as np, keras_split
+from keras_split import compiled
+print("THREADS", compiled.inter_op_threads())
+inputs = keras.Input((6,))
+hidden = keras.layers.Dense(4, activation="relu", name="cut")(inputs)
+model = keras.Model(inputs, keras.layers.Dense(2, name="head")(hidden))
+split = keras_split.split(model, "cut")
+split.compile(optimizer="sgd", compression="float16",
+              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+before = [w.copy() for w in model.get_weights()]
+x, y = np.ones((8, 6), "float32"), np.array([0, 1] * 4)
+try:
+    split.fit(x, y, batch_size=4, verbose=0)
+    print("TRAINED", int(split.client_role.optimizer.iterations))
+except RuntimeError as error:
+    unchanged = all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    print("REFUSED", unchanged, error)
+"""
+
+
+@pytest.mark.parametrize("case", ["one cpu", "one thread", "one cpu, TensorFlow started first"])
+def test_the_message_path_never_waits_forever_for_an_inter_op_thread(case):
+    """On the message path the client's compiled step waits at the cut on one of
+    TensorFlow's inter-op threads while the server's step, in this process, needs
+    another. TensorFlow gives a one-CPU process one such thread: importing
+    keras_split makes it two (the step trains); an explicit setting of one is kept,
+    and so is the pool of a TensorFlow started before keras_split was imported: the
+    step then fails at once with an error that says why, changing nothing (before:
+    all three waited forever)."""
+    import os
+    import subprocess
+    import sys
+
+    if case.startswith("one cpu") and not hasattr(os, "sched_setaffinity"):
+        pytest.skip("needs os.sched_setaffinity (Linux)")
+    result = subprocess.run([sys.executable, "-c", INTER_OP, case], capture_output=True,
+                            text=True, timeout=240,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    if case == "one cpu":
+        assert "THREADS 2" in result.stdout
+        assert "TRAINED 2" in result.stdout
+    else:
+        assert "THREADS 1" in result.stdout
+        assert "REFUSED True" in result.stdout
+        assert "set_inter_op_parallelism_threads(2)" in result.stdout
