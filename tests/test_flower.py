@@ -79,15 +79,35 @@ def simulate(monkeypatch, tmp_path):
     certs = devcerts.write_dev_certificates(tmp_path / "certs")
 
     def run(split, data=node_data, **options):
-        rounds = flower.SplitRounds(split, LOSS, _adam(), rounds=ROUNDS, min_nodes=NODES,
-                                    certificate=certs["server_cert"],
-                                    private_key=certs["server_key"],
-                                    root_certificates=certs["ca"], **options)
-        app = flower.client_app(client_half, data, _adam, batch_size=8)
-        run_simulation(rounds.server_app(), app, num_supernodes=NODES, backend_config=BACKEND)
-        return rounds
+        for attempt in (1, 2):
+            rounds = flower.SplitRounds(split, LOSS, _adam(), rounds=ROUNDS, min_nodes=NODES,
+                                        certificate=certs["server_cert"],
+                                        private_key=certs["server_key"],
+                                        root_certificates=certs["ca"], **options)
+            app = flower.client_app(client_half, data, _adam, batch_size=8)
+            try:
+                run_simulation(rounds.server_app(), app, num_supernodes=NODES,
+                               backend_config=BACKEND)
+            except RuntimeError as error:
+                # Ray's own start-up, before any node ran (its control store's
+                # port file, 60 s on a busy machine): once more, on a fresh Ray.
+                if attempt == 2 or not _ray_did_not_start(error):
+                    raise
+                import ray
+
+                ray.shutdown()
+                continue
+            return rounds
 
     return run
+
+
+def _ray_did_not_start(error: BaseException | None) -> bool:
+    while error is not None:
+        if "Timed out waiting for file" in str(error) and "gcs_server" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _order(rounds):
