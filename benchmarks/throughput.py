@@ -11,7 +11,7 @@ For each model, in one run, alternating so that machine drift hits all alike:
 - split (fused): `SplitModel.fit` with the default in-process transport, which
   runs the server's step inside the client's compiled call;
 - split (messages): `InProcessTransport(fused=False)`, one message per step
-  (`tf.py_function` at the cut, copies to numpy and back, a second call).
+  (`tf.numpy_function` at the cut, a copy back from numpy, a second call).
 
 `--anatomy` times one compiled call per step instead (the batch already a
 tensor, best of 5 x 300 calls, no `fit` loop around it, every call through
@@ -102,7 +102,7 @@ def fused_unsplit(build, x, y, batch_size, concrete=False):
                 rows = order[i:i + batch_size]
                 float(step(x[rows], y[rows])[0])  # the logs, as fit reads them
 
-    return timer(lambda epochs: train(epochs), len(x))
+    return timer(train, len(x))
 
 
 def timer(train, samples):

@@ -9,19 +9,14 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
+from keras_split._cpus import usable_cpus as _usable_cpus
+
 _before = {name: os.environ.get(name) for name in ("TF_CPP_MIN_LOG_LEVEL", "GRPC_VERBOSITY")}
 # TensorFlow's C++ INFO lines (oneDNN, CUDA probing) drown the progress bar;
 # warnings and errors still show. A user's own setting wins.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 # gRPC's C core logs every closed connection at INFO; errors still show.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-
-
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def _tensorflow_started() -> bool:

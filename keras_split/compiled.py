@@ -31,6 +31,7 @@ hanging.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 import threading
@@ -40,16 +41,9 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from keras_split._cpus import usable_cpus
+
 _SCALARS = (bool, int, float, str, bytes)
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (TensorFlow sizes its thread pools by them;
-    `keras_split/__init__.py` asks the same, without importing TensorFlow)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 # Threads waiting at the cut inside a compiled step (`waiting_at_the_cut`).
@@ -82,13 +76,15 @@ def waiting_at_the_cut() -> Iterator[None]:
             _waiting -= 1
 
 
-_pool: list[int] = []  # inter_op_threads(), once TensorFlow runs (it is fixed from then on)
+@functools.cache
+def _pool_size() -> int:
+    """`inter_op_threads()`, asked once TensorFlow runs (fixed from then on)."""
+    return inter_op_threads()
 
 
 def _refuse_if_no_thread_is_free() -> None:
-    if not _pool:
-        _pool.append(inter_op_threads())
-    if _waiting and _pool[0] <= 1:
+    """Called while a step waits at the cut (`_waiting`)."""
+    if _pool_size() <= 1:
         raise RuntimeError(
             "This compiled call cannot start: TensorFlow's inter-op thread pool has one "
             "thread, and a split step holds it while it waits at the cut for its reply "

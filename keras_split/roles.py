@@ -133,8 +133,7 @@ class ClientRole:
         self._keep_state = Compiled(lambda: [tf.identity(v) for v in self._state])
 
     def _put_back_state(self, kept) -> None:
-        for variable, value in zip(self._state, kept, strict=True):
-            variable.assign(value)
+        _assign_all(self._state, kept)
 
     def _forward_fn(self, x, training=True):
         activations = as_tuple(self.model(x, training=training))
@@ -455,6 +454,17 @@ def check_gradients(gradients, activations) -> list[np.ndarray]:
 
 
 # -- checks on a received message ---------------------------------------------
+
+
+def _assign_all(variables, values) -> None:
+    """Put kept values back into their variables (a refused step's undo)."""
+    for variable, value in zip(variables, values, strict=True):
+        variable.assign(value)
+
+
+def _unique(variables) -> list:
+    """The variables once each, in order (a layer may list one twice)."""
+    return list({id(v): v for v in variables}.values())
 
 
 def _is_float(dtype) -> bool:
@@ -834,9 +844,7 @@ class ServerRole:
 
     @staticmethod
     def _put_back(kept) -> None:
-        variables, values = kept
-        for variable, value in zip(variables, values, strict=True):
-            variable.assign(value)
+        _assign_all(*kept)  # (variables, values), from _snapshot
 
     def _build(self, message: Activations) -> None:
         # Keras creates metric and optimizer variables lazily; a tf.function
@@ -851,8 +859,8 @@ class ServerRole:
         self.model.optimizer.build(self.model.trainable_variables)
         self.reset_metrics()
         kept = list(self.model.non_trainable_variables) + self._metric_variables()
-        self._kept = list({id(v): v for v in kept}.values())
-        self._moved = list({id(v): v for v in self.model.non_trainable_variables}.values())
+        self._kept = _unique(kept)
+        self._moved = _unique(self.model.non_trainable_variables)
         self._built = True
         if self._pending_metrics is not None:
             checkpoint.assign("metrics", self._metric_variables(), *self._pending_metrics)
