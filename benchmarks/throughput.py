@@ -250,11 +250,22 @@ def anatomy(x, y, batch_size, repeats=5, calls=300):
         print(f"| {name} | {ms:.3f} | {limit / ms:.3f} |")
 
 
+def positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, received {text!r}")
+    return value
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=21,
+    parser.add_argument("--runs", type=positive, default=21,
                         help="rounds: each path timed once per round, in rotated order")
-    parser.add_argument("--epochs", type=int, default=1, help="epochs per path per round")
+    parser.add_argument("--epochs", type=positive, default=1, help="epochs per path per round")
     parser.add_argument("--verbose", action="store_true", help="print every round")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--only", choices=["demo", "residual"], default=None)
