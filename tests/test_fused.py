@@ -131,3 +131,62 @@ def test_wrappers_codecs_and_fused_false_take_the_message_path():
             return self.inner.handle(message)
 
     assert not InProcessTransport(Wrapped(role)).fuses
+
+
+ZOO = """
+import sys
+import keras, numpy as np, keras_split
+from keras_split.roles import ServerRole
+from keras_split.transport import InProcessTransport
+keras.utils.set_random_seed(0)
+rng = np.random.default_rng(0)
+x = rng.normal(size=(16, 64, 64, 3)).astype("float32")
+y = rng.integers(0, 5, 16)
+base = keras.applications.MobileNetV3Small(input_shape=(64, 64, 3), weights=None, classes=5,
+                                           include_preprocessing=False)
+keras.utils.set_random_seed(1)
+split = keras_split.split(base, "expanded_conv_6_expand")
+role = ServerRole(split.server, keras.optimizers.Adam(1e-3),
+                  keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+split.compile(optimizer=keras.optimizers.Adam(1e-3),
+              transport=InProcessTransport(role, fused=sys.argv[1] == "fused"))
+history = split.fit(x, y, batch_size=8, epochs=2, verbose=0, seed=0)
+state = [v.numpy() for v in split.client.variables + role.model.variables
+         + role.optimizer.variables + split.client_role.optimizer.variables]
+bad = y.copy()
+bad[0] = 99
+try:
+    split.fit(x, bad, batch_size=16, epochs=1, verbose=0)
+    refused = "not refused"
+except ValueError as error:
+    refused = str(error)
+after = [v.numpy() for v in split.client.variables + role.model.variables
+         + role.optimizer.variables + split.client_role.optimizer.variables]
+unchanged = all(np.array_equal(a, b) for a, b in zip(state, after, strict=True))
+np.save(sys.argv[2], np.concatenate([s.ravel().astype("float64") for s in state]))
+print("LOSSES", history.history["loss"], "UNCHANGED", unchanged, "REFUSED", refused)
+"""
+
+
+def test_a_zoo_network_with_batchnorm_and_dropout_fuses_bit_for_bit(tmp_path):
+    """MobileNetV3Small (keras.applications: BatchNormalization on both sides, Dropout
+    and Adam in the server half), cut mid-network: two epochs through the fused step
+    equal the message path bit for bit, and a refused step (a label out of range)
+    changes no variable of either party on either path. In fresh processes with
+    oneDNN's rewrites off, which may fuse operations across the cut (see
+    InProcessTransport)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    outputs = {}
+    for path in ("fused", "messages"):
+        result = subprocess.run([sys.executable, "-c", ZOO, path, str(tmp_path / path)],
+                                capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        outputs[path] = result.stdout.split("LOSSES", 1)[1]
+        assert "UNCHANGED True" in outputs[path] and "class" in outputs[path]
+    assert outputs["fused"] == outputs["messages"]
+    np.testing.assert_array_equal(np.load(tmp_path / "fused.npy"),
+                                  np.load(tmp_path / "messages.npy"))
